@@ -1,0 +1,99 @@
+"""The run configuration: one YAML file, validated; unknown keys are errors.
+
+Command-line flags override the file through ``load_config(path, overrides)``, where overrides are
+dotted keys (``{"tiling.target_mpp": 0.25}``), so every command treats its flags the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration file or a flag is invalid; the message says which key and why."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TilingConfig(Strict):
+    target_mpp: float = Field(0.5, gt=0, description="micrometres per pixel of the stored tiles")
+    tile_px: int = Field(224, gt=0, description="tile side at the target mpp")
+    overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles, at the target mpp")
+    context_px: int = Field(0, ge=0, description="margin stored around each tile (for cropped views)")
+    mpp_tolerance: float = Field(0.05, ge=0, lt=1, description="relative mpp difference treated as equal")
+    allow_upsample: bool = Field(False, description="allow targets finer than the slide's base level")
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> TilingConfig:
+        if self.overlap_px >= self.tile_px:
+            raise ValueError(f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})")
+        return self
+
+
+class TissueConfig(Strict):
+    mask_mpp: float = Field(4.0, gt=0, description="resolution of the tissue mask")
+    min_fraction: float = Field(0.25, ge=0, le=1, description="tiles with less tissue than this are dropped")
+    saturation_range: tuple[float, float] = Field((0.04, 0.15), description="bounds on the Otsu saturation threshold")
+    min_object_um2: float = Field(10_000.0, ge=0, description="tissue specks smaller than this are dropped")
+    min_hole_um2: float = Field(10_000.0, ge=0, description="holes smaller than this are filled")
+
+
+class StoreConfig(Strict):
+    chunk_rows: int = Field(16, gt=0, description="tiles per chunk (the read unit)")
+    shard_rows: int = Field(256, gt=0, description="tiles per shard (the write unit); a multiple of chunk_rows")
+    codec: Literal["zstd", "lz4"] = "zstd"
+    clevel: int = Field(1, ge=0, le=9)
+
+    @model_validator(mode="after")
+    def _shard_holds_whole_chunks(self) -> StoreConfig:
+        if self.shard_rows % self.chunk_rows:
+            raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
+        return self
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster address; none starts a local Ray")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray (none: all)")
+
+
+class Config(Strict):
+    run: Path = Field(Path("runs/demo"), description="the run directory")
+    slides: list[Path] = Field(default_factory=list, description="slide files, folders, or manifests (CSV/YAML: path, mpp)")
+    tiling: TilingConfig = TilingConfig()
+    tissue: TissueConfig = TissueConfig()
+    store: StoreConfig = StoreConfig()
+    ray: RayConfig = RayConfig()
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (default: the demo config), apply dotted-key overrides, validate."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings at the top level")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{path}: {problems}") from error

@@ -1,0 +1,144 @@
+"""``inspect-store``: what a store holds, how it is laid out, and whether it is complete and intact.
+
+Opens stores read-only (Zarr's read-only mode), so looking can never change what is on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from rich.table import Table
+
+from pipeline.progress import console, progress_bar
+from pipeline.stores import TILES_SCHEMA, UnitMarkers, open_store, unit_ranges
+from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def describe_array(array: zarr.Array, path: Path) -> dict:
+    stored = directory_bytes(path / array.basename)
+    return {
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "chunks": list(array.chunks),
+        "shards": list(array.shards) if array.shards else None,
+        "codecs": [codec_name(codec) for codec in array.compressors],
+        "bytes": int(array.nbytes),
+        "stored_bytes": stored,
+        "compression_ratio": round(array.nbytes / stored, 2) if stored else None,
+    }
+
+
+def codec_name(codec: object) -> str:
+    """Short codec names for tables: ``blosc-zstd-1``, ``crc32c``."""
+    if hasattr(codec, "cname"):
+        return f"blosc-{codec.cname.value}-{codec.clevel}"
+    return type(codec).__name__.removesuffix("Codec").lower()
+
+
+def describe_store(path: Path, verify: bool = False) -> dict:
+    """A JSON-able description of any pathdistill store; with ``verify``, reads every chunk."""
+    path = Path(path)
+    group = open_store(path)
+    attrs = dict(group.attrs)
+    arrays = {name: group[name] for name in sorted(group.array_keys())}
+    n_rows = attrs["n_rows"]
+    shard_rows = (arrays["tiles"].shards or arrays["tiles"].chunks)[0] if "tiles" in arrays else None
+    description = {
+        "path": str(path),
+        "schema": attrs["schema"],
+        "store_id": attrs["store_id"],
+        "n_rows": n_rows,
+        "created": attrs.get("created"),
+        "versions": attrs.get("versions", {}),
+        "arrays": {name: describe_array(array, path) for name, array in arrays.items()},
+        "stored_bytes": directory_bytes(path),
+    }
+    description["compression_ratio"] = round(sum(a["bytes"] for a in description["arrays"].values()) / description["stored_bytes"], 2)
+    if attrs["schema"] == TILES_SCHEMA:
+        description["tiling"] = attrs["tiling"]
+        description["slides"] = attrs["slides"]
+        units = unit_ranges(n_rows, shard_rows)
+        description["units"] = {"total": len(units), "marked_done": len(UnitMarkers(path, attrs["store_id"]).done() & set(range(len(units))))}
+    if verify:
+        description["verify"] = verify_arrays(arrays, n_rows)
+    return description
+
+
+def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
+    """Read every chunk: missing chunks, checksum failures, non-finite values and flagged tiles."""
+    report: dict = {"missing_chunks": [], "corrupt_chunks": [], "non_finite": {}, "ok": True}
+    with progress_bar() as progress:
+        task = progress.add_task("verifying", total=sum(a.nchunks for a in arrays.values()), rate="")
+        for name, array in arrays.items():
+            stored = set(_stored_chunk_starts(array))
+            step = array.chunks[0]
+            non_finite = 0
+            for start in range(0, n_rows, step):
+                progress.advance(task)
+                if start // (array.shards or array.chunks)[0] * (array.shards or array.chunks)[0] not in stored:
+                    report["missing_chunks"].append({"array": name, "rows": [start, min(n_rows, start + step)]})
+                    continue
+                try:
+                    block = array[start : start + step]
+                except Exception as error:  # noqa: BLE001 - a checksum or codec failure names the chunk
+                    report["corrupt_chunks"].append({"array": name, "rows": [start, min(n_rows, start + step)], "error": str(error)})
+                    continue
+                if np.issubdtype(block.dtype, np.floating):
+                    non_finite += int(np.count_nonzero(~np.isfinite(block)))
+                if name == "flags":
+                    report["read_failed_tiles"] = report.get("read_failed_tiles", 0) + int(np.count_nonzero(block & FLAG_READ_FAILED))
+                    report["padded_tiles"] = report.get("padded_tiles", 0) + int(np.count_nonzero(block & FLAG_PADDED))
+            if np.issubdtype(array.dtype, np.floating):
+                report["non_finite"][name] = non_finite
+    report["ok"] = not report["missing_chunks"] and not report["corrupt_chunks"] and not any(report["non_finite"].values())
+    return report
+
+
+def _stored_chunk_starts(array: zarr.Array) -> list[int]:
+    """First rows of the stored objects (shards, or chunks when unsharded) found on disk."""
+    rows = (array.shards or array.chunks)[0]
+    directory = Path(array.store_path.store.root) / array.path / "c"
+    return [int(p.name) * rows for p in directory.iterdir()] if directory.is_dir() else []
+
+
+def print_description(description: dict) -> None:
+    console.print(f"[bold]{description['path']}[/bold]  schema {description['schema']}  id {description['store_id']}")
+    console.print(f"rows {description['n_rows']}  created {description['created']}  on disk {description['stored_bytes'] / 2**20:.1f} MiB  compression x{description['compression_ratio']}")
+    if "tiling" in description:
+        t = description["tiling"]
+        console.print(f"tiling: {t['tile_px']} px at {t['target_mpp']} um/px, overlap {t['overlap_px']}, context {t['context_px']}, tolerance {t['mpp_tolerance']}, tissue >= {t['tissue']['min_fraction']} (mask at {t['tissue']['mask_mpp']} um/px)")
+        units = description["units"]
+        console.print(f"units: {units['marked_done']}/{units['total']} marked done")
+        slides = Table(title="slides")
+        for column in ("id", "name", "mpp (source)", "dimensions", "read", "rows", "status"):
+            slides.add_column(column)
+        for s in description["slides"]:
+            read = s.get("read")
+            slides.add_row(
+                str(s["id"]), s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-",
+                "x".join(map(str, s.get("dimensions", []))) or "-",
+                f"level {read['level']}, {read['read_px']} px{' -> ' + str(read['tile_px']) if read['resized'] else ''}" if read else "-",
+                f"{s['rows'][0]}-{s['rows'][1]}", "ok" if s["status"] == "ok" else f"[red]{s['error']}[/red]",
+            )
+        console.print(slides)
+    arrays = Table(title="arrays")
+    for column in ("array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"):
+        arrays.add_column(column)
+    for name, a in description["arrays"].items():
+        arrays.add_row(name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"]))
+    console.print(arrays)
+    if "verify" in description:
+        v = description["verify"]
+        verdict = "[green]ok[/green]" if v["ok"] else "[red]FAILED[/red]"
+        console.print(
+            f"verify: {verdict}; missing chunks {len(v['missing_chunks'])}, corrupt chunks {len(v['corrupt_chunks'])}, "
+            f"non-finite {sum(v['non_finite'].values())}, blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
+        )
+        for problem in v["missing_chunks"][:10] + v["corrupt_chunks"][:10]:
+            console.print(f"  {problem}")

@@ -1,0 +1,27 @@
+"""Connecting a stage to Ray: the same call on a laptop, a Slurm allocation or a KubeRay pod."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from pipeline.config import RayConfig
+
+
+@contextmanager
+def ray_session(settings: RayConfig) -> Iterator[None]:
+    """Join the cluster at ``settings.address``, or start a local Ray; shut down only what we started."""
+    if ray.is_initialized():
+        yield
+        return
+    if settings.address:
+        ray.init(address=settings.address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,127 @@
+"""Finding slides, identifying them by content, and reading pixels from them with OpenSlide."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+import yaml
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
+HASH_SAMPLES = 16
+HASH_BLOCK = 1 << 20
+
+
+class SlideReadError(RuntimeError):
+    """A region could not be read, even after reopening the slide."""
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """A slide to tile: its path and, when the file lacks it, the level-0 mpp to use."""
+
+    path: Path
+    mpp_override: float | None = None
+
+
+def discover_slides(entries: list[Path]) -> list[SlideSource]:
+    """Expand files, folders (their slide files, sorted) and manifests (CSV/YAML: path[, mpp]).
+
+    A missing slide file is kept, so that it is recorded as a failed slide; a missing folder or
+    manifest is an error, since nothing can be said about what it held.
+    """
+    sources: list[SlideSource] = []
+    for entry in map(Path, entries):
+        if entry.is_dir():
+            sources += [SlideSource(p) for p in sorted(entry.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES]
+        elif entry.suffix.lower() in MANIFEST_SUFFIXES:
+            sources += _read_manifest(entry)
+        else:
+            sources.append(SlideSource(entry))
+    return sources
+
+
+def _read_manifest(manifest: Path) -> list[SlideSource]:
+    if not manifest.is_file():
+        raise FileNotFoundError(f"slide manifest {manifest} does not exist; fix the path in the config or command line")
+    if manifest.suffix.lower() == ".csv":
+        with manifest.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = yaml.safe_load(manifest.read_text()) or []
+    sources = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise ValueError(f"{manifest}: entry {number} has no 'path'; each entry needs path and optionally mpp")
+        path = Path(row["path"])
+        if not path.is_absolute():
+            path = manifest.parent / path
+        mpp = row.get("mpp")
+        sources.append(SlideSource(path, float(mpp) if mpp not in (None, "") else None))
+    return sources
+
+
+def content_hash(path: Path) -> str:
+    """A fast identity of a slide's bytes: size plus evenly spaced 1 MiB samples (head and tail included).
+
+    Hashing every byte of a multi-gigabyte slide costs seconds per slide; the samples catch a
+    replaced, re-scanned or truncated file, which is what reruns must notice.
+    """
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as handle:
+        if size <= HASH_SAMPLES * HASH_BLOCK:
+            digest.update(handle.read())
+        else:
+            for offset in np.linspace(0, size - HASH_BLOCK, HASH_SAMPLES).astype(np.int64):
+                handle.seek(int(offset))
+                digest.update(handle.read(HASH_BLOCK))
+    return "blake2b-sampled:" + digest.hexdigest()
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's RGBA on white: transparent pixels are outside the scanned area."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+class SlideReader:
+    """One open OpenSlide handle that reopens once after an error (OpenSlide errors latch)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.slide = openslide.OpenSlide(str(self.path))
+
+    def read(self, location0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 [h, w, 3] of ``size`` level pixels whose top-left is ``location0`` at level 0."""
+        try:
+            return self._read_once(location0, level, size)
+        except openslide.OpenSlideError:
+            self.reopen()
+        try:
+            return self._read_once(location0, level, size)
+        except openslide.OpenSlideError as error:
+            self.reopen()
+            raise SlideReadError(f"{self.path}: region {location0} level {level} size {size}: {error}") from error
+
+    def _read_once(self, location0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return rgba_to_rgb(np.asarray(self.slide.read_region(location0, level, size)))
+
+    def reopen(self) -> None:
+        self.slide.close()
+        self.slide = openslide.OpenSlide(str(self.path))
+
+    def close(self) -> None:
+        self.slide.close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,273 @@
+"""The ``tiles`` stage: slides -> ``RUN/tiles.zarr``, on Ray, resumable.
+
+1. A Ray task per slide plans its tiles (identity, mpp, read level, tissue, grid, QC picture).
+2. The driver sizes the store once (rows of a slide are contiguous) or checks that an existing
+   store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
+3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
+   Units with a marker are skipped, so a rerun after any interruption does only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from pipeline.config import Config, ConfigError
+from pipeline.geometry import ReadPlan
+from pipeline.progress import console, progress_bar
+from pipeline.ray_runtime import ray_session
+from pipeline.report import append_stage_record
+from pipeline.slides import SlideReader, discover_slides
+from pipeline.stores import (
+    TILES_SCHEMA, StoreError, UnitMarkers, create_tile_store, new_store_id, now, open_store, remove_store,
+    unit_ranges, versions, write_rows,
+)
+from pipeline.tiling import FLAG_READ_FAILED, SlidePlan, plan_slide, read_tiles
+
+IDENTITY_KEYS = ("path", "size", "hash", "mpp", "mpp_source", "status")
+
+
+@dataclass
+class TileSummary:
+    store: Path
+    n_rows: int
+    slides: list[dict]
+    units_total: int = 0
+    units_run: int = 0
+    seconds: float = 0.0
+    read_failed_tiles: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def failed_slides(self) -> list[dict]:
+        return [s for s in self.slides if s["status"] != "ok"]
+
+    @property
+    def tiles_per_second(self) -> float:
+        written = sum(self.timings.get("rows", []) or [0])
+        return written / self.seconds if self.seconds else 0.0
+
+    def as_record(self) -> dict:
+        return {
+            "stage": "tiles",
+            "finished": now(),
+            "store": str(self.store),
+            "rows": self.n_rows,
+            "units_total": self.units_total,
+            "units_run": self.units_run,
+            "wall_seconds": round(self.seconds, 3),
+            "tiles_per_second": round(self.tiles_per_second, 2),
+            "read_failed_tiles": self.read_failed_tiles,
+            "failures": [{"name": s["name"], "path": s["path"], "error": s["error"]} for s in self.failed_slides],
+            "slides": [{k: s.get(k) for k in ("name", "status", "n_tiles", "mpp", "mpp_source", "rows")} for s in self.slides],
+        }
+
+
+def tiling_attrs(config: Config) -> dict:
+    """Everything that decides the stored pixels; a store made with other values is not reused."""
+    return {
+        **config.tiling.model_dump(),
+        "stored_px": config.tiling.tile_px + 2 * config.tiling.context_px,
+        "tissue": config.tissue.model_dump(mode="json"),
+        "store": config.store.model_dump(),
+    }
+
+
+def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
+    started = time.perf_counter()
+    sources = discover_slides(config.slides)
+    if not sources:
+        raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
+    run_dir = config.run.resolve()
+    store_path = run_dir / "tiles.zarr"
+    with ray_session(config.ray):
+        plans = _plan_all(sources, config, run_dir / "qc")
+        rows = np.cumsum([0] + [len(p.coords) for p in plans])
+        for plan, start, end in zip(plans, rows[:-1], rows[1:]):
+            plan.record["rows"] = [int(start), int(end)]
+        slides = [p.record for p in plans]
+        summary = TileSummary(store_path, int(rows[-1]), slides)
+        if summary.n_rows:
+            store_id = _prepare_store(store_path, config, slides, summary.n_rows, overwrite)
+            _write_units(store_path, store_id, plans, config.store.shard_rows, summary)
+    summary.seconds = time.perf_counter() - started
+    append_stage_record(run_dir, summary.as_record())
+    return summary
+
+
+def _plan_all(sources, config: Config, qc_dir: Path) -> list[SlidePlan]:
+    plan_task = ray.remote(num_cpus=1)(plan_slide)
+    pending = {
+        plan_task.remote(index, source, config.tiling, config.tissue, qc_dir): index for index, source in enumerate(sources)
+    }
+    plans: list[SlidePlan | None] = [None] * len(sources)
+    with progress_bar() as progress:
+        task = progress.add_task("planning slides", total=len(sources), rate="")
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            plans[pending.pop(ready[0])] = ray.get(ready[0])
+            progress.advance(task)
+    return plans  # type: ignore[return-value]
+
+
+def _prepare_store(store_path: Path, config: Config, slides: list[dict], n_rows: int, overwrite: bool) -> str:
+    """The id of a store ready for writing: the existing one when it matches, else a new one."""
+    tiling = tiling_attrs(config)
+    if store_path.exists():
+        if overwrite:
+            remove_store(store_path)
+        else:
+            try:
+                existing = open_store(store_path, TILES_SCHEMA)
+            except StoreError:
+                if (store_path / "zarr.json").is_file() and not any(store_path.glob("*/c")):
+                    remove_store(store_path)  # creation was interrupted before any unit ran
+                else:
+                    raise
+            else:
+                differences = store_differences(dict(existing.attrs), tiling, slides, n_rows)
+                if differences:
+                    raise StoreError(
+                        f"{store_path} was made from other slides or settings:\n  - " + "\n  - ".join(differences)
+                        + "\nUse another --out, or --overwrite to replace it."
+                    )
+                return existing.attrs["store_id"]
+    store_id = new_store_id()
+    attrs = {
+        "store_id": store_id,
+        "n_rows": n_rows,
+        "tiling": tiling,
+        "slides": slides,
+        "versions": versions(),
+        "created": now(),
+    }
+    create_tile_store(store_path, n_rows, tiling["stored_px"], config.store, attrs)
+    return store_id
+
+
+def store_differences(attrs: dict, tiling: dict, slides: list[dict], n_rows: int) -> list[str]:
+    """Human-readable differences between a store's recorded inputs and the current ones."""
+    found = [
+        f"tiling.{key}: store has {attrs['tiling'].get(key)!r}, now {value!r}"
+        for key, value in tiling.items()
+        if attrs["tiling"].get(key) != value
+    ]
+    before = {s["path"]: s for s in attrs["slides"]}
+    after = {s["path"]: s for s in slides}
+    found += [f"slide {path} is new" for path in after.keys() - before.keys()]
+    found += [f"slide {path} is no longer listed" for path in before.keys() - after.keys()]
+    for path in sorted(after.keys() & before.keys()):
+        changed = [key for key in IDENTITY_KEYS if before[path].get(key) != after[path].get(key)]
+        if changed:
+            found.append(f"slide {path} changed: " + ", ".join(f"{k} {before[path].get(k)!r} -> {after[path].get(k)!r}" for k in changed))
+    if not found and [s["path"] for s in attrs["slides"]] != [s["path"] for s in slides]:
+        found.append("the slides are listed in another order")
+    if not found and attrs["n_rows"] != n_rows:
+        found.append(f"rows: store has {attrs['n_rows']}, now {n_rows}")
+    return found
+
+
+def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary) -> None:
+    ranges = unit_ranges(summary.n_rows, shard_rows)
+    done = UnitMarkers(store_path, store_id).done()
+    todo = [unit for unit in range(len(ranges)) if unit not in done]
+    summary.units_total, summary.units_run = len(ranges), len(todo)
+    unit_task = ray.remote(num_cpus=1, max_retries=3)(write_unit)
+    pending = {
+        unit_task.remote(str(store_path), store_id, unit, ranges[unit][0], _unit_segments(plans, *ranges[unit])): unit
+        for unit in todo
+    }
+    timings: dict[str, list] = {"rows": [], "read_seconds": [], "write_seconds": []}
+    unit_started = time.perf_counter()
+    with progress_bar() as progress:
+        task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(ready[0])
+            stats = ray.get(ready[0])
+            for key in timings:
+                timings[key].append(stats[key])
+            summary.read_failed_tiles += stats["read_failed"]
+            rate = sum(timings["rows"]) / (time.perf_counter() - unit_started)
+            progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
+    summary.timings = timings
+    # Count blank tiles of units finished by an earlier, interrupted run too.
+    if done:
+        flags = open_store(store_path, TILES_SCHEMA)["flags"][:]
+        summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
+
+
+def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
+    """The slides' pieces that fall in rows [start, end), with what a worker needs to read them."""
+    segments = []
+    for plan in plans:
+        first, last = plan.record.get("rows", (0, 0))
+        lo, hi = max(first, start), min(last, end)
+        if lo >= hi:
+            continue
+        segments.append({
+            "slide": plan.record["id"],
+            "path": plan.record["path"],
+            "dimensions": tuple(plan.record["dimensions"]),
+            "read": plan.record["read"],
+            "coords": plan.coords[lo - first : hi - first],
+            "tissue": plan.tissue[lo - first : hi - first],
+        })
+    return segments
+
+
+def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: list[dict]) -> dict:
+    """Read and write one unit's rows, then mark it done. Idempotent: a retry rewrites the same bytes."""
+    began = time.perf_counter()
+    columns: dict[str, list[np.ndarray]] = {"tiles": [], "coords": [], "slide": [], "tissue": [], "flags": []}
+    for segment in segments:
+        plan = ReadPlan(**segment["read"])
+        try:
+            reader = SlideReader(Path(segment["path"]))
+        except Exception:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
+            reader = None
+        try:
+            tiles, flags = read_tiles(reader, plan, segment["coords"], segment["dimensions"])
+        finally:
+            if reader is not None:
+                reader.close()
+        columns["tiles"].append(tiles)
+        columns["flags"].append(flags)
+        columns["coords"].append(segment["coords"])
+        columns["tissue"].append(segment["tissue"])
+        columns["slide"].append(np.full(len(tiles), segment["slide"], np.int32))
+    read_done = time.perf_counter()
+    stacked = {name: np.concatenate(parts) for name, parts in columns.items()}
+    write_rows(Path(store_path), start, stacked)
+    finished = time.perf_counter()
+    stats = {
+        "rows": len(stacked["flags"]),
+        "read_failed": int(np.count_nonzero(stacked["flags"] & FLAG_READ_FAILED)),
+        "read_seconds": read_done - began,
+        "write_seconds": finished - read_done,
+    }
+    UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, **stats})
+    return stats
+
+
+def print_summary(summary: TileSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"tiles -> {summary.store}")
+    for column in ("slide", "mpp (source)", "read level", "tiles", "status"):
+        table.add_column(column)
+    for s in summary.slides:
+        mpp = f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-"
+        read = f"{s['read']['level']} (x{s['read']['level_downsample']:.2f}{', resized' if s['read']['resized'] else ''})" if s.get("read") else "-"
+        status = "ok" if s["status"] == "ok" else f"[red]failed[/red]: {s['error']}"
+        table.add_row(s["name"], mpp, read, str(s.get("n_tiles", 0)), status)
+    console.print(table)
+    console.print(
+        f"{summary.n_rows} tiles from {len(summary.slides) - len(summary.failed_slides)}/{len(summary.slides)} slides; "
+        f"{summary.units_run}/{summary.units_total} units written in {summary.seconds:.1f} s "
+        f"({summary.tiles_per_second:.0f} tiles/s); {summary.read_failed_tiles} tiles blank after read errors"
+    )

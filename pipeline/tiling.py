@@ -1,0 +1,162 @@
+"""Planning a slide's tiles (tissue and grid) and reading them in blocks.
+
+Reading is done in blocks of neighbouring grid cells: one OpenSlide call per block, tiles cut from
+it in memory, each tile resized on its own so its pixels do not depend on how tiles were grouped
+(a rerun or a different unit size gives identical bytes).
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image, ImageDraw
+from skimage import segmentation
+
+from pipeline.config import TilingConfig, TissueConfig
+from pipeline.geometry import ReadPlan, plan_read, read_mpp, tile_grid
+from pipeline.slides import SlideReader, SlideReadError, SlideSource, content_hash
+from pipeline.tissue import read_overview, tissue_fractions, tissue_mask
+
+FLAG_READ_FAILED = 1  # the region could not be read; the tile is blank (zeros)
+FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels are white
+BLOCK_CELLS = (4, 8)  # grid rows x columns read with one OpenSlide call
+
+
+class SlideSkipped(Exception):
+    """The slide cannot be tiled; the message is the reason recorded for it."""
+
+
+@dataclass
+class SlidePlan:
+    """What the tile stage learns of one slide before reading pixels."""
+
+    record: dict
+    coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    tissue: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @property
+    def ok(self) -> bool:
+        return self.record["status"] == "ok"
+
+
+def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
+    """Identify, measure and grid one slide; any failure becomes the slide's recorded reason."""
+    path = source.path.resolve()
+    record: dict = {"id": index, "name": path.stem, "path": str(path), "status": "failed", "error": None}
+    try:
+        if not path.is_file():
+            raise SlideSkipped(f"file not found: {path}; fix the path or remove it from the slide list")
+        record.update(size=path.stat().st_size, hash=content_hash(path))
+        try:
+            reader = SlideReader(path)
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
+            raise SlideSkipped(f"OpenSlide cannot open it ({type(error).__name__}: {error}); is it a whole-slide image?") from error
+        with reader:
+            return _plan_open_slide(reader, source, record, tiling, tissue, qc_dir)
+    except SlideSkipped as reason:
+        record["error"] = str(reason)
+    except Exception as error:  # noqa: BLE001 - one slide's failure must not stop the run
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc(limit=5)
+    return SlidePlan(record)
+
+
+def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
+    slide = reader.slide
+    properties = dict(slide.properties)
+    record.update(
+        vendor=properties.get("openslide.vendor", "unknown"),
+        dimensions=list(slide.dimensions),
+        level_count=slide.level_count,
+        level_downsamples=[float(ds) for ds in slide.level_downsamples],
+    )
+    if source.mpp_override is not None:
+        mpp0, mpp_source = source.mpp_override, "override"
+    else:
+        mpp0, mpp_source = read_mpp(properties)
+    record.update(mpp=mpp0, mpp_source=mpp_source)
+    plan = plan_read(
+        mpp0, slide.level_downsamples, tiling.target_mpp, tiling.tile_px, tiling.overlap_px,
+        tiling.context_px, tiling.mpp_tolerance, tiling.allow_upsample,
+    )
+    record["read"] = plan.as_record()
+    coords = tile_grid(slide.dimensions, plan)
+    if len(coords) == 0:
+        raise SlideSkipped(f"slide {tuple(slide.dimensions)} px is smaller than one tile ({plan.to_level0(plan.read_px)} level-0 px)")
+    overview = read_overview(reader, mpp0, tissue.mask_mpp)
+    mask = tissue_mask(overview, tissue.mask_mpp, tuple(tissue.saturation_range), tissue.min_object_um2, tissue.min_hole_um2)
+    fractions = tissue_fractions(mask, tissue.mask_mpp / mpp0, coords, plan.to_level0(plan.read_px))
+    keep = fractions >= tissue.min_fraction
+    record.update(grid_tiles=int(len(coords)), tissue_area_fraction=float(mask.mean()))
+    if qc_dir is not None:
+        record["qc"] = str(draw_qc(qc_dir / f"{record['id']:05d}_{record['name']}.png", overview, mask, coords[keep], plan, tissue.mask_mpp / mpp0))
+    if not keep.any():
+        raise SlideSkipped(f"no tissue: no tile reaches tissue fraction {tissue.min_fraction} (tissue covers {mask.mean():.1%} of the overview)")
+    record.update(status="ok", n_tiles=int(keep.sum()))
+    return SlidePlan(record, coords[keep], fractions[keep])
+
+
+def draw_qc(path: Path, overview: np.ndarray, mask: np.ndarray, kept0: np.ndarray, plan: ReadPlan, level0_per_px: float) -> Path:
+    """Overview with the tissue outline (green) and the kept tiles (blue), for a human to check."""
+    image = Image.fromarray(overview).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    ys, xs = np.nonzero(segmentation.find_boundaries(mask, mode="inner"))
+    draw.point(list(zip(xs.tolist(), ys.tolist())), fill=(0, 170, 0))
+    side = plan.to_level0(plan.read_px) / level0_per_px
+    for x0, y0 in kept0 / level0_per_px:
+        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 220))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, dimensions: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stored pixels uint8 [n, S, S, 3] and flags uint8 [n] for tiles at level-0 ``coords0``.
+
+    ``reader`` None means the slide could not be opened now: every tile is blank and flagged.
+    """
+    size = plan.stored_px
+    tiles = np.zeros((len(coords0), size, size, 3), np.uint8)
+    flags = np.zeros(len(coords0), np.uint8)
+    if reader is None:
+        flags[:] = FLAG_READ_FAILED
+        return tiles, flags
+    level_xy = np.round(coords0 / plan.level_downsample).astype(np.int64) - plan.context_read_px
+    region = plan.region_px
+    flags[_reaches_outside(level_xy, region, plan, dimensions)] |= FLAG_PADDED
+    cells = level_xy // plan.step_px // np.array(BLOCK_CELLS[::-1])
+    _, block_of_tile = np.unique(cells[:, ::-1], axis=0, return_inverse=True)
+    for block in range(block_of_tile.max() + 1 if len(coords0) else 0):
+        members = np.flatnonzero(block_of_tile == block)
+        left, top = level_xy[members].min(0)
+        right, bottom = level_xy[members].max(0) + region
+        try:
+            pixels = reader.read((plan.to_level0(left), plan.to_level0(top)), plan.level, (int(right - left), int(bottom - top)))
+        except SlideReadError:
+            pixels = None
+        for row in members:
+            x, y = level_xy[row]
+            if pixels is not None:
+                cut = pixels[y - top : y - top + region, x - left : x - left + region]
+            else:
+                try:
+                    cut = reader.read((plan.to_level0(x), plan.to_level0(y)), plan.level, (region, region))
+                except SlideReadError:
+                    flags[row] |= FLAG_READ_FAILED
+                    continue
+            tiles[row] = resize_area(cut, size) if plan.resized else cut
+    return tiles, flags
+
+
+def _reaches_outside(level_xy: np.ndarray, region: int, plan: ReadPlan, dimensions: tuple[int, int]) -> np.ndarray:
+    extent = np.array(dimensions) / plan.level_downsample
+    return (level_xy < 0).any(1) | (level_xy + region > extent).any(1)
+
+
+def resize_area(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Area-filtered resize to ``size`` x ``size``: every source pixel weighs by its overlap."""
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BOX))
