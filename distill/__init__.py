@@ -1,0 +1,1 @@
+from distill.export import load_student

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from rich.table import Table
 
-from pipeline.progress import console, progress_bar
+from pipeline.progress import progress_bar, results, table
 from pipeline.stores import TILES_SCHEMA, UnitMarkers, open_store, unit_ranges
 from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
 
@@ -108,37 +107,40 @@ def _stored_chunk_starts(array: zarr.Array) -> list[int]:
 
 
 def print_description(description: dict) -> None:
-    console.print(f"[bold]{description['path']}[/bold]  schema {description['schema']}  id {description['store_id']}")
-    console.print(f"rows {description['n_rows']}  created {description['created']}  on disk {description['stored_bytes'] / 2**20:.1f} MiB  compression x{description['compression_ratio']}")
+    out = results
+    out.print(f"[bold]{description['path']}[/bold]  schema {description['schema']}  id {description['store_id']}")
+    out.print(f"rows {description['n_rows']}  created {description['created']}  on disk {description['stored_bytes'] / 2**20:.1f} MiB  compression x{description['compression_ratio']}")
     if "tiling" in description:
         t = description["tiling"]
-        console.print(f"tiling: {t['tile_px']} px at {t['target_mpp']} um/px, overlap {t['overlap_px']}, context {t['context_px']}, tolerance {t['mpp_tolerance']}, tissue >= {t['tissue']['min_fraction']} (mask at {t['tissue']['mask_mpp']} um/px)")
+        out.print(f"tiling: {t['tile_px']} px at {t['target_mpp']} um/px, overlap {t['overlap_px']}, context {t['context_px']}, tolerance {t['mpp_tolerance']}, tissue >= {t['tissue']['min_fraction']} (mask at {t['tissue']['mask_mpp']} um/px)")
         units = description["units"]
-        console.print(f"units: {units['marked_done']}/{units['total']} marked done")
-        slides = Table(title="slides")
-        for column in ("id", "name", "mpp (source)", "dimensions", "read", "rows", "status"):
-            slides.add_column(column)
-        for s in description["slides"]:
-            read = s.get("read")
-            slides.add_row(
+        out.print(f"units: {units['marked_done']}/{units['total']} marked done")
+        out.print(table("slides", ["id", "name", "mpp (source)", "dimensions", "read", "rows", "status"], [
+            [
                 str(s["id"]), s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-",
-                "x".join(map(str, s.get("dimensions", []))) or "-",
-                f"level {read['level']}, {read['read_px']} px{' -> ' + str(read['tile_px']) if read['resized'] else ''}" if read else "-",
+                "x".join(map(str, s.get("dimensions", []))) or "-", describe_read(s.get("read")),
                 f"{s['rows'][0]}-{s['rows'][1]}", "ok" if s["status"] == "ok" else f"[red]{s['error']}[/red]",
-            )
-        console.print(slides)
-    arrays = Table(title="arrays")
-    for column in ("array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"):
-        arrays.add_column(column)
-    for name, a in description["arrays"].items():
-        arrays.add_row(name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"]))
-    console.print(arrays)
+            ]
+            for s in description["slides"]
+        ]))
+    out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"], [
+        [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"])]
+        for name, a in description["arrays"].items()
+    ]))
     if "verify" in description:
         v = description["verify"]
         verdict = "[green]ok[/green]" if v["ok"] else "[red]FAILED[/red]"
-        console.print(
+        out.print(
             f"verify: {verdict}; missing chunks {len(v['missing_chunks'])}, corrupt chunks {len(v['corrupt_chunks'])}, "
             f"non-finite {sum(v['non_finite'].values())}, blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
         )
         for problem in v["missing_chunks"][:10] + v["corrupt_chunks"][:10]:
-            console.print(f"  {problem}")
+            out.print(f"  {problem}")
+
+
+def describe_read(read: dict | None) -> str:
+    """``level 1 (x2.00), 448 -> 224 px`` for a slide's read plan."""
+    if not read:
+        return "-"
+    resize = f"{read['read_px']} -> {read['tile_px']} px" if read["resized"] else f"{read['tile_px']} px"
+    return f"level {read['level']} (x{read['level_downsample']:.2f}), {resize}"

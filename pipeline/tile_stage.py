@@ -18,7 +18,8 @@ import ray
 
 from pipeline.config import Config, ConfigError
 from pipeline.geometry import ReadPlan
-from pipeline.progress import console, progress_bar
+from pipeline.inspect_store import describe_read
+from pipeline.progress import progress_bar, results, table
 from pipeline.ray_runtime import ray_session
 from pipeline.report import append_stage_record
 from pipeline.slides import SlideReader, discover_slides
@@ -255,18 +256,14 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
 
 
 def print_summary(summary: TileSummary) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"tiles -> {summary.store}")
-    for column in ("slide", "mpp (source)", "read level", "tiles", "status"):
-        table.add_column(column)
-    for s in summary.slides:
-        mpp = f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-"
-        read = f"{s['read']['level']} (x{s['read']['level_downsample']:.2f}{', resized' if s['read']['resized'] else ''})" if s.get("read") else "-"
-        status = "ok" if s["status"] == "ok" else f"[red]failed[/red]: {s['error']}"
-        table.add_row(s["name"], mpp, read, str(s.get("n_tiles", 0)), status)
-    console.print(table)
-    console.print(
+    results.print(table(f"tiles -> {summary.store}", ["slide", "mpp (source)", "read", "tiles", "status"], [
+        [
+            s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-", describe_read(s.get("read")),
+            str(s.get("n_tiles", 0)), "ok" if s["status"] == "ok" else f"[red]failed[/red]: {s['error']}",
+        ]
+        for s in summary.slides
+    ]))
+    results.print(
         f"{summary.n_rows} tiles from {len(summary.slides) - len(summary.failed_slides)}/{len(summary.slides)} slides; "
         f"{summary.units_run}/{summary.units_total} units written in {summary.seconds:.1f} s "
         f"({summary.tiles_per_second:.0f} tiles/s); {summary.read_failed_tiles} tiles blank after read errors"

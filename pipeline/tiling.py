@@ -1,12 +1,13 @@
 """Planning a slide's tiles (tissue and grid) and reading them in blocks.
 
 Reading is done in blocks of neighbouring grid cells: one OpenSlide call per block, tiles cut from
-it in memory, each tile resized on its own so its pixels do not depend on how tiles were grouped
-(a rerun or a different unit size gives identical bytes).
+it in memory, each tile resized on its own. Blocks are a fixed partition of the slide's grid, so a
+tile's pixels do not depend on how rows were split into units (a rerun gives identical bytes).
 """
 
 from __future__ import annotations
 
+import functools
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,8 @@ def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, til
     keep = fractions >= tissue.min_fraction
     record.update(grid_tiles=int(len(coords)), tissue_area_fraction=float(mask.mean()))
     if qc_dir is not None:
-        record["qc"] = str(draw_qc(qc_dir / f"{record['id']:05d}_{record['name']}.png", overview, mask, coords[keep], plan, tissue.mask_mpp / mpp0))
+        picture = draw_qc(qc_dir / f"{record['id']:05d}_{record['name']}.png", overview, mask, coords[keep], plan, tissue.mask_mpp / mpp0)
+        record["qc"] = str(picture.relative_to(qc_dir.parent))  # relative to the run directory
     if not keep.any():
         raise SlideSkipped(f"no tissue: no tile reaches tissue fraction {tissue.min_fraction} (tissue covers {mask.mean():.1%} of the overview)")
     record.update(status="ok", n_tiles=int(keep.sum()))
@@ -128,11 +130,16 @@ def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, 
     level_xy = np.round(coords0 / plan.level_downsample).astype(np.int64) - plan.context_read_px
     region = plan.region_px
     flags[_reaches_outside(level_xy, region, plan, dimensions)] |= FLAG_PADDED
-    cells = level_xy // plan.step_px // np.array(BLOCK_CELLS[::-1])
-    _, block_of_tile = np.unique(cells[:, ::-1], axis=0, return_inverse=True)
+    # Blocks are fixed cells of the slide's grid, read from the cell's own corner: OpenSlide shifts a
+    # region by a sub-pixel amount when a level's downsample is fractional, so a tile's pixels must
+    # not depend on which other tiles a unit happens to read with it.
+    block_cells = np.array(BLOCK_CELLS[::-1])  # (columns, rows)
+    cells = (level_xy + plan.context_read_px) // plan.step_px // block_cells
+    origins = cells * block_cells * plan.step_px - plan.context_read_px
+    _, block_of_tile = np.unique(cells, axis=0, return_inverse=True)
     for block in range(block_of_tile.max() + 1 if len(coords0) else 0):
         members = np.flatnonzero(block_of_tile == block)
-        left, top = level_xy[members].min(0)
+        left, top = origins[members[0]]
         right, bottom = level_xy[members].max(0) + region
         try:
             pixels = reader.read((plan.to_level0(left), plan.to_level0(top)), plan.level, (int(right - left), int(bottom - top)))
@@ -158,5 +165,23 @@ def _reaches_outside(level_xy: np.ndarray, region: int, plan: ReadPlan, dimensio
 
 
 def resize_area(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Area-filtered resize to ``size`` x ``size``: every source pixel weighs by its overlap."""
-    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BOX))
+    """Area-filtered resize of a square RGB tile to ``size`` px: each source pixel weighs by the part
+    of it that an output pixel covers. PIL's BOX samples pixel centres instead, which is area only
+    for whole-number factors, so PIL's ``reduce`` serves those and separable taps the others."""
+    source = pixels.shape[0]
+    if source % size == 0:
+        return np.asarray(Image.fromarray(pixels).reduce(source // size))
+    index, weight = area_taps(source, size)
+    columns = (pixels[index].astype(np.float32) * weight[:, :, None, None]).sum(axis=1)  # [size, source, 3]
+    resized = (columns[:, index] * weight[None, :, :, None]).sum(axis=2)  # [size, size, 3]
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def area_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each output pixel, the source pixels it overlaps and their weights (overlap / output width)."""
+    scale = source / target
+    lows = np.arange(target)[:, None] * scale
+    index = np.floor(lows).astype(np.int64) + np.arange(int(np.ceil(scale)) + 1)
+    overlap = np.clip(np.minimum(lows + scale, index + 1) - np.maximum(lows, index), 0, None)
+    return np.minimum(index, source - 1), (overlap / scale).astype(np.float32)

@@ -1,0 +1,43 @@
+# `make tiles features distill` runs the embedded demo; `make test` runs the tests.
+# Both create (or reuse) the virtual environment in .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+DEMO := data/demo/SOURCES.json
+
+.PHONY: venv demo-data tiles features distill evaluate test bench clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+$(DEMO): | $(VENV)/.installed
+	$(PY) cli.py demo-data
+
+demo-data: $(DEMO)
+
+tiles: $(VENV)/.installed $(DEMO)
+	$(PY) cli.py tiles --config $(CONFIG)
+
+features: $(VENV)/.installed
+	$(PY) cli.py features --config $(CONFIG)
+
+distill: $(VENV)/.installed
+	$(PY) cli.py distill --config $(CONFIG)
+
+evaluate: $(VENV)/.installed
+	$(PY) cli.py evaluate --config $(CONFIG)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed $(DEMO)
+	$(PY) -m bench
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,113 @@
+"""The exported student: backbone weights that plain timm loads, and what is needed to use them.
+
+RUN/student/
+  student.safetensors  the backbone's state dict in timm's key names, so that
+                         timm.create_model(arch, pretrained=True, num_classes=0,
+                                           pretrained_cfg_overlay=dict(file=...), **timm_kwargs)
+                       loads it without this package
+  student.json         pathdistill.student/1: arch, timm_kwargs, width D, nested_dims M, input px,
+                       target mpp, input mean/std, teachers (target width, standardizer kind), heads
+  heads.safetensors    heads and standardizers: to continue training, or to emulate the teachers
+                       (standardizer.inverse(heads(z))) from the student alone
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import Tensor, nn
+
+from distill.standardize import Standardizer
+from distill.student import NestedHeads, Student
+
+SCHEMA = "pathdistill.student/1"
+REQUIRED_META = ("input_px", "target_mpp", "mean", "std")
+
+
+def export_student(
+    student: Student,
+    out_dir: str | Path,
+    meta: Mapping[str, Any],
+    standardizers: Mapping[str, Standardizer],
+    heads: NestedHeads,
+) -> Path:
+    """Write the three files (each atomically, student.json last) and return the path of student.json.
+    `meta` must hold REQUIRED_META and may add JSON-able keys (teacher specs, training config, ...)."""
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f"export meta lacks {missing}: the student cannot be used without them")
+    if set(standardizers) != set(heads.teacher_widths):
+        raise ValueError(f"standardizers for {sorted(standardizers)} but heads for {sorted(heads.teacher_widths)}")
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "arch": student.arch,
+        "timm_kwargs": student.timm_kwargs,
+        "width": student.width,
+        "nested_dims": student.nested_dims,
+        "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in standardizers.items()},
+        "heads": {"hidden": heads.hidden, "tied": heads.tied},
+    }
+    clashing = sorted(set(meta) & set(record))
+    if clashing:
+        raise ValueError(f"export meta must not set {clashing}: export writes them from the student")
+    record.update(meta)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_tensors(student.backbone.state_dict(), out_dir / "student.safetensors")
+    head_state = nn.ModuleDict({"heads": heads, "standardizers": nn.ModuleDict(standardizers)}).state_dict()
+    _save_tensors(head_state, out_dir / "heads.safetensors")
+    json_path = out_dir / "student.json"
+    _replace_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return json_path
+
+
+def load_student(path: str | Path) -> Student:
+    """The exported student (directory or its student.json) in eval mode, ready for embed(x, dim=m)."""
+    directory, record = read_student_json(path)
+    weights = directory / "student.safetensors"
+    return Student(record["arch"], record["timm_kwargs"], record["nested_dims"], init=str(weights)).eval()
+
+
+def load_heads(path: str | Path) -> tuple[NestedHeads, dict[str, Standardizer]]:
+    """The heads and the per-teacher standardizers exported next to the student."""
+    directory, record = read_student_json(path)
+    tensors = safetensors.torch.load_file(directory / "heads.safetensors")
+    widths = {name: teacher["width"] for name, teacher in record["teachers"].items()}
+    heads = NestedHeads(widths, record["nested_dims"], **record["heads"])
+    heads.load_state_dict(_under(tensors, "heads."))
+    standardizers = {name: Standardizer.from_state(_under(tensors, f"standardizers.{name}.")) for name in widths}
+    return heads.eval(), standardizers
+
+
+def read_student_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(export directory, student.json contents) for a directory or its student.json."""
+    path = Path(path)
+    json_path = path / "student.json" if path.is_dir() else path
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no exported student at {path}: give a student/ directory or its student.json")
+    record = json.loads(json_path.read_text())
+    if record.get("schema") != SCHEMA:
+        raise ValueError(f"{json_path} has schema {record.get('schema')!r}, this code reads {SCHEMA}")
+    return json_path.parent, record
+
+
+def _under(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _save_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
+    contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    _replace_atomically(path, lambda tmp: safetensors.torch.save_file(contiguous, tmp, metadata={"format": "pt"}))
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file, so a crash never leaves a half-written export behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

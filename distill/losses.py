@@ -1,0 +1,51 @@
+"""The nested multi-teacher distillation loss (AM-RADIO's cosine + smooth-L1, summed over MRL's dims):
+
+    L = sum_t w_t sum_m c_m [alpha (1 - cos(h_tm(z[:m]), y_t)) + beta smooth_l1(h_tm(z[:m]), y_t)]
+
+with y_t the standardized target of teacher t; batch means inside, sums over t and m as in MRL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.student import NestedHeads
+
+Parts = dict[tuple[str, int], dict[str, Tensor]]
+
+
+def nested_distill_loss(
+    z: Tensor,
+    heads: NestedHeads,
+    targets: Mapping[str, Tensor],
+    teacher_weights: Mapping[str, float] | None = None,
+    dim_weights: Mapping[int, float] | None = None,
+    alpha: float = 0.9,
+    beta: float = 0.1,
+) -> tuple[Tensor, Parts]:
+    """Total loss and, per (teacher, m), detached "cos" (mean cosine similarity), "smooth_l1" and
+    "loss" (unweighted by w_t, c_m) for logging; kept as tensors so logging does not sync every step.
+    Missing weights default to 1."""
+    teacher_weights = teacher_weights or {}
+    dim_weights = dim_weights or {}
+    if set(targets) != set(heads.teacher_widths):
+        raise ValueError(f"targets are for teachers {sorted(targets)}, heads for {sorted(heads.teacher_widths)}")
+    if not set(teacher_weights) <= set(targets) or not set(dim_weights) <= set(heads.nested_dims):
+        raise ValueError(
+            f"weights name teachers {sorted(teacher_weights)} and dims {sorted(dim_weights)}; "
+            f"this student has teachers {sorted(targets)} and nested dims {heads.nested_dims}"
+        )
+    total = z.new_zeros((), dtype=torch.float32)
+    parts: Parts = {}
+    for (teacher, m), prediction in heads(z).items():
+        prediction, target = prediction.float(), targets[teacher].float()  # loss in fp32 under autocast too
+        cos = F.cosine_similarity(prediction, target, dim=-1).mean()
+        smooth_l1 = F.smooth_l1_loss(prediction, target)
+        loss = alpha * (1 - cos) + beta * smooth_l1
+        total = total + teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0) * loss
+        parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
+    return total, parts

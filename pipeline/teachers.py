@@ -1,0 +1,464 @@
+"""Teacher registry: a teacher is data (a ``TeacherSpec``) plus one builder (``build_teacher``).
+
+A spec carries everything that decides a teacher's embedding, so it doubles as provenance
+(``to_json``): where the weights come from, the timm architecture and kwargs, the teacher's own
+resize / crop / normalisation, which tokens each recipe pools, target mpp and autocast precision.
+Real entries follow research/pipelines.md section 11 and research/papers.md section 5.1, model card
+first; each entry's ``notes`` says where sources disagree and what we follow.
+
+Weight sources, chosen by the prefix of ``source`` (or the ``weights`` override of the builder):
+
+* ``hf-hub:org/name`` - loaded by timm from the Hugging Face cache; works offline once cached
+  (``HF_HUB_OFFLINE=1``), otherwise the error names the repo and how to pre-download it.
+* a local ``.safetensors`` / ``.bin`` / ``.pth`` file - strict key check; pickles only through
+  ``torch.load(weights_only=True)``, never a full unpickle.
+* ``random:SEED`` - a stand-in with seeded random weights, bitwise reproducible, always labelled.
+
+Pooling rules over the token sequence of ``forward_features`` (prefix tokens = CLS + registers):
+``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN,
+the mean over H and W); ``cls_mean`` the two concatenated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+POOLS = {
+    "cls": lambda tokens, prefix: tokens[:, 0],
+    "mean": lambda tokens, prefix: tokens[:, prefix:].mean(1),
+    "cls_mean": lambda tokens, prefix: torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1),
+}
+RESIZE_RULES = ("resize", "resize_center_crop")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# Order timm tries for hub checkpoints: safetensors first, the pickle only as a fallback.
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+# Layers named, not imported, so a spec stays JSON; resolved by name at build time.
+SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+
+
+class UnknownTeacherError(ValueError):
+    """No registry entry has this name."""
+
+
+class TeacherWeightsError(RuntimeError):
+    """Weights are missing, unreadable, unsafe, or do not fit the spec's architecture."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSpec:
+    """Everything that decides a teacher's embedding.
+
+    ``params`` (None for stand-ins) and ``widths`` are the published figures; widths are checked against
+    the built architecture, so the feature store can size its arrays from the spec alone.
+    """
+
+    name: str
+    source: str
+    arch: str
+    kwargs: dict = field(default_factory=dict)
+    input_px: int = 224
+    resize: str = "resize_center_crop"
+    resize_px: int = 224
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipes: dict[str, str]
+    widths: dict[str, int]
+    target_mpp: float = 0.5
+    precision: str
+    params: int | None = None
+    stand_in: bool = False
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        is_random = self.source.startswith("random:")
+        checks = {
+            f"recipe rules {list(self.recipes.values())} must be among {list(POOLS)}":
+                all(rule in POOLS for rule in self.recipes.values()),
+            f"widths {sorted(self.widths)} must name exactly the recipes {sorted(self.recipes)}":
+                self.widths.keys() == self.recipes.keys(),
+            f"resize {self.resize!r} must be one of {RESIZE_RULES}": self.resize in RESIZE_RULES,
+            f"resize_px {self.resize_px} must equal input_px {self.input_px} for 'resize' and not be below it":
+                self.resize_px == self.input_px if self.resize == "resize" else self.resize_px >= self.input_px,
+            f"interpolation {self.interpolation!r} must be a torchvision InterpolationMode":
+                self.interpolation in {mode.value for mode in InterpolationMode},
+            f"precision {self.precision!r} must be one of {list(AUTOCAST_DTYPES)}": self.precision in AUTOCAST_DTYPES,
+            f"source {self.source!r} needs an integer seed":
+                not is_random or self.source.removeprefix("random:").isdigit(),
+            # Stand-ins are labelled everywhere, so the label is tied to the weight source.
+            f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
+        }
+        problems = [message for message, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError(f"teacher spec {self.name!r}: " + "; ".join(problems))
+
+    def to_json(self) -> dict:
+        """The full spec as a JSON-serialisable dict, for the feature store's provenance."""
+        return asdict(self)
+
+
+TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
+    TeacherSpec(
+        name="uni",
+        source="hf-hub:MahmoodLab/UNI",
+        arch="vit_large_patch16_224",
+        kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp16",
+        params=303_000_000,
+        notes="ViT-L/16. Loader kwargs and Resize 224 + CenterCrop 224 (torchvision default bilinear) from "
+              "mahmoodlab/UNI get_encoder.py and TRIDENT; CLS. No source read states a precision for UNI's "
+              "card; fp16 follows TRIDENT (same lab).",
+    ),
+    TeacherSpec(
+        name="uni2-h",
+        source="hf-hub:MahmoodLab/UNI2-h",
+        arch="vit_giant_patch14_224",
+        kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, **SWIGLU,
+                "reg_tokens": 8, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1536},
+        precision="bf16",
+        params=681_000_000,
+        notes="ViT-H/14 with 8 registers; kwargs verbatim from the UNI README, Resize 224 + CenterCrop 224, "
+              "CLS. Precision disagrees: TRIDENT bf16, slide2vec fp16; we follow TRIDENT (same lab as UNI).",
+    ),
+    TeacherSpec(
+        name="virchow2",
+        source="hf-hub:paige-ai/Virchow2",
+        arch="vit_huge_patch14_224",
+        kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, **SWIGLU,
+                "dynamic_img_size": True},
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 1280, "cls_mean": 2560},
+        precision="fp16",
+        params=631_000_000,
+        notes="ViT-H/14 with 4 registers (arch as in TRIDENT's local build; the card loads hf-hub with "
+              "SwiGLUPacked/SiLU). Card: timm data config (224 px, bicubic), fp16 autocast, CLS concatenated "
+              "with the mean of the patch tokens after the 5 prefix tokens (2560); TRIDENT and slide2vec agree, "
+              "STAMP and eva default to CLS only (1280). We cache both. TRIDENT resizes without a crop: the same "
+              "on square tiles.",
+    ),
+    *(TeacherSpec(
+        name=name,
+        source=f"hf-hub:bioptimus/{repo}",
+        arch="vit_giant_patch14_reg4_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        interpolation="bicubic",
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1536},
+        precision="fp16",
+        params=1_130_000_000,
+        notes="ViT-g/14, 4 registers, 40 blocks (bioptimus/releases README). Card: init_values 1e-5, "
+              "dynamic_img_size False (TRIDENT and eva pass True: no difference at 224 px), fp16 autocast, "
+              "H-optimus mean/std, CLS. The card feeds 224 px tiles with no resize, so our resize is a no-op "
+              "at 224 px; for other sizes we follow slide2vec (bicubic resize + centre crop). H-optimus-1 "
+              "uses H-optimus-0's recipe in every source read.",
+    ) for name, repo in (("h-optimus-0", "H-optimus-0"), ("h-optimus-1", "H-optimus-1"))),
+    TeacherSpec(
+        name="h0-mini",
+        source="hf-hub:bioptimus/H0-mini",
+        arch="vit_base_patch14_reg4_dinov2",
+        kwargs={"img_size": 224, "mlp_ratio": 2.66667 * 2, **SWIGLU},
+        interpolation="bicubic",
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 768, "cls_mean": 1536},
+        precision="fp16",
+        params=86_000_000,
+        notes="ViT-B/14 with 4 registers distilled from H-optimus-0; card: hf-hub with SwiGLUPacked/SiLU, "
+              "output (B, 261, 768), fp16 autocast. Recipe defaults disagree: the card's snippet and slide2vec "
+              "use CLS + patch mean (1536), TRIDENT, eva and plismbench CLS (768); we cache both. mlp_ratio "
+              "5.33334 (SwiGLU hidden 2048, DINOv2's 2/3 rule) is inferred, not read: the hub config.json was "
+              "not retrievable; it reproduces the published ~86M parameters, while timm's default ratio 4 "
+              "with SwiGLUPacked would give 71.6M. Mean/std: H-optimus values as in the authors' plismbench; "
+              "one third-party repo used ImageNet stats.",
+    ),
+    TeacherSpec(
+        name="prov-gigapath",
+        source="hf-hub:prov-gigapath/prov-gigapath",
+        arch="vit_giant_patch14_dinov2",
+        kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
+        resize_px=256,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1536},
+        precision="fp16",
+        params=1_130_000_000,
+        notes="ViT-g arch with 16 px patches, 40 blocks (hub config, as mirrored by TRIDENT's local build; "
+              "needs timm>=1.0.3). README: Resize 256 bicubic + CenterCrop 224, ImageNet stats, CLS. fp16 "
+              "follows TRIDENT. TRIDENT and slide2vec read 256 px tiles at 0.5 mpp for it: a 224 px tile is "
+              "upscaled to 256 before the crop, which changes the effective magnification.",
+    ),
+    TeacherSpec(
+        name="demo-vit",
+        source="random:0",
+        arch="vit_tiny_patch16_224",
+        kwargs={"img_size": 224, "depth": 4, "reg_tokens": 4},
+        resize="resize",
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 192, "cls_mean": 384},
+        precision="bf16",
+        stand_in=True,
+        notes="Stand-in with seeded random weights, not a pathology model: demos and tests only. 4 registers "
+              "so cls_mean skips prefix tokens as Virchow2 and H0-mini do.",
+    ),
+    TeacherSpec(
+        name="demo-convnet",
+        source="random:1",
+        arch="convnext_atto",
+        resize_px=256,
+        interpolation="bilinear",
+        mean=HOPTIMUS_MEAN,
+        std=HOPTIMUS_STD,
+        recipes={"mean": "mean"},
+        widths={"mean": 320},
+        precision="bf16",
+        stand_in=True,
+        notes="Stand-in with seeded random weights, not a pathology model: demos and tests only. A CNN family "
+              "(global average pool) with a resize-then-crop input, like Prov-GigaPath's.",
+    ),
+)}
+
+
+def get_teacher(name: str) -> TeacherSpec:
+    """The registry entry, or an error that lists the choices."""
+    if name in TEACHERS:
+        return TEACHERS[name]
+    close = difflib.get_close_matches(name, TEACHERS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownTeacherError(
+        f"unknown teacher {name!r}{hint}; choose one of: {', '.join(TEACHERS)}, "
+        "or add a TeacherSpec entry to TEACHERS in pipeline/teachers.py"
+    )
+
+
+def create_architecture(spec: TeacherSpec) -> nn.Module:
+    """The spec's architecture with timm's random init; inside ``torch.device("meta")`` it costs nothing."""
+    return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
+
+
+def param_count_meta(spec: TeacherSpec) -> int:
+    """Parameter count of the architecture, built on the meta device so even 1.1B models are free."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_architecture(spec).parameters())
+
+
+def describe_teachers() -> list[dict]:
+    """One row per registry entry for the ``teachers`` command."""
+    return [
+        {
+            "name": spec.name,
+            "params": param_count_meta(spec) if spec.params is None else spec.params,
+            "params_source": "counted" if spec.params is None else "published",
+            "widths": dict(spec.widths),
+            "recipes": dict(spec.recipes),
+            "mpp": spec.target_mpp,
+            "source": spec.source,
+            "stand_in": spec.stand_in,
+        }
+        for spec in TEACHERS.values()
+    ]
+
+
+@dataclass(frozen=True)
+class LoadedTeacher:
+    """A built teacher: frozen module, its spec, and the content hash of the weights it runs."""
+
+    module: nn.Module
+    spec: TeacherSpec
+    weights_sha256: str
+    device: torch.device
+
+    def embed(self, batch_uint8_nhwc: Tensor) -> dict[str, Tensor]:
+        """Float32 ``[B, width]`` per recipe, from uint8 RGB tiles, with the teacher's own preprocessing."""
+        pixels = self.preprocess(batch_uint8_nhwc)
+        dtype = AUTOCAST_DTYPES[self.spec.precision]
+        if self.device.type == "cpu" and dtype is not None:
+            dtype = torch.bfloat16  # CPU autocast: fp16 has few fast CPU kernels, bf16 has
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            features = self.module.forward_features(pixels)
+        return self.pool(features)
+
+    def preprocess(self, batch_uint8_nhwc: Tensor) -> Tensor:
+        """Resize/crop on uint8 (as the cards' PIL pipelines do), scale to [0, 1], normalise: NCHW float."""
+        batch = batch_uint8_nhwc
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected uint8 RGB tiles [B, H, W, 3], got {batch.dtype} {tuple(batch.shape)}")
+        spec = self.spec
+        mode = InterpolationMode(spec.interpolation)
+        x = batch.to(self.device).permute(0, 3, 1, 2)  # a channels-last view: the fast uint8 resize layout
+        if spec.resize == "resize":
+            x = TF.resize(x, [spec.input_px, spec.input_px], interpolation=mode, antialias=True)
+        else:
+            x = TF.resize(x, [spec.resize_px], interpolation=mode, antialias=True)
+            x = TF.center_crop(x, [spec.input_px, spec.input_px])
+        x = x.contiguous().float().div_(255)  # back to plain NCHW: the layout the models are fastest on
+        return TF.normalize(x, mean=list(spec.mean), std=list(spec.std))
+
+    def pool(self, features: Tensor) -> dict[str, Tensor]:
+        """Each recipe from ``forward_features``: tokens ``[B, N, C]`` or a CNN map ``[B, C, H, W]``."""
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        prefix = getattr(self.module, "num_prefix_tokens", 0)
+        return {recipe: POOLS[rule](tokens, prefix).float() for recipe, rule in self.spec.recipes.items()}
+
+
+def build_teacher(
+    spec: TeacherSpec | str, device: str | torch.device = "cpu", weights: str | None = None
+) -> LoadedTeacher:
+    """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``."""
+    spec = get_teacher(spec) if isinstance(spec, str) else spec
+    location = weights or spec.source
+    if location.startswith("random:"):
+        # Seed a private RNG stream: same seed, bitwise same weights, and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(location.removeprefix("random:")))
+            module = create_architecture(spec)
+        # Hash of the safetensors serialisation: a stand-in saved with save_file keeps its identity.
+        weights_sha256 = hashlib.sha256(safetensors.torch.save(module.state_dict())).hexdigest()
+    elif location.startswith("hf-hub:"):
+        path = _hub_checkpoint(location.removeprefix("hf-hub:"))
+        try:
+            module = timm.create_model(
+                location, pretrained=True, pretrained_cfg_overlay={"hf_hub_filename": path.name},
+                **_timm_kwargs(spec),
+            )
+        except RuntimeError as err:
+            raise TeacherWeightsError(f"{location} ({path.name}) does not fit teacher {spec.name!r}: {err}") from err
+        weights_sha256 = _sha256_file(path)
+    else:
+        path = Path(location)
+        state = _read_state_dict(path)  # before building: a bad file fails without initialising 1B params
+        module = create_architecture(spec)
+        _load_state_dict(module, state, f"{path} for teacher {spec.name!r} ({spec.arch})")
+        weights_sha256 = _sha256_file(path)
+    _check_recipes(module, spec)
+    module = module.eval().requires_grad_(False).to(device)
+    return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device))
+
+
+def _timm_kwargs(spec: TeacherSpec) -> dict:
+    """Spec kwargs with layer names resolved; a teacher is a feature extractor, never with a head."""
+    resolved = {k: _layer(v) if k.endswith("_layer") and isinstance(v, str) else v for k, v in spec.kwargs.items()}
+    return {"num_classes": 0, **resolved}
+
+
+def _layer(name: str) -> type[nn.Module]:
+    for namespace in (torch.nn, timm.layers):
+        if hasattr(namespace, name):
+            return getattr(namespace, name)
+    raise ValueError(f"unknown layer {name!r}: neither torch.nn nor timm.layers has it")
+
+
+def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:
+    """Fail at build time, not mid-extraction, when the recipes do not fit the architecture."""
+    if any(rule != "mean" for rule in spec.recipes.values()) and getattr(module, "cls_token", None) is None:
+        raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} need a CLS token, {spec.arch} has none")
+    prefix = getattr(module, "num_prefix_tokens", 0)
+    probe = torch.empty(1, prefix + 1, module.num_features, device="meta")  # widths from the pooling code itself
+    built = {recipe: POOLS[rule](probe, prefix).shape[-1] for recipe, rule in spec.recipes.items()}
+    if built != spec.widths:
+        raise ValueError(f"teacher {spec.name!r}: architecture gives widths {built}, spec says {spec.widths}")
+
+
+def _hub_checkpoint(repo: str) -> Path:
+    """The cached checkpoint timm will load (config.json present too), downloading unless HF_HUB_OFFLINE."""
+    if _hub_file(repo, "config.json"):
+        for filename in HUB_WEIGHT_FILES:
+            if path := _hub_file(repo, filename):
+                return path
+    offline = " (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE else ""
+    raise TeacherWeightsError(
+        f"no config.json + weights ({' or '.join(HUB_WEIGHT_FILES)}) for hf-hub:{repo} in the Hugging Face "
+        f"cache {hf_constants.HF_HUB_CACHE}{offline}. Pre-download them where the hub is reachable with "
+        f"`hf download {repo}` (gated repos: accept the terms on https://huggingface.co/{repo} and "
+        "`hf auth login` first), then point HF_HOME or HF_HUB_CACHE at that cache; or pass a local weights file."
+    )
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
+        return None
+    except RepositoryNotFoundError as err:  # includes GatedRepoError
+        raise TeacherWeightsError(
+            f"hf-hub:{repo} is gated or not visible to this account: accept its terms on "
+            f"https://huggingface.co/{repo} and run `hf auth login`, or pass a local weights file"
+        ) from err
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise TeacherWeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path)
+    if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
+        raise TeacherWeightsError(f"{path}: unsupported weights format; use one of {LOCAL_WEIGHT_SUFFIXES}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise TeacherWeightsError(
+            f"{path}: refusing to unpickle anything but tensors (torch.load weights_only=True): {err}"
+        ) from err
+
+
+def _load_state_dict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Strict load whose error names the first few missing and unexpected keys, not thousands."""
+    expected, given = set(module.state_dict()), set(state)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise TeacherWeightsError(
+            f"{what}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise TeacherWeightsError(f"{what}: {err}") from err
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

