@@ -64,6 +64,48 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray (none: all)")
 
 
+class FeaturesConfig(Strict):
+    teachers: list[str] = Field(default_factory=lambda: ["demo-vit", "demo-convnet"], description="registry names")
+    weights: dict[str, str] = Field(default_factory=dict, description="teacher -> local weights file, replacing its source")
+    views: list[str] = Field(default_factory=lambda: ["identity"], description="identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270, 'dihedral' (all 8), or crop:DX,DY (needs tiling.context_px)")
+    batch_size: int = Field(32, gt=0, description="tiles per forward pass")
+    pools: list[list[str]] | None = Field(None, description="teacher groups given separate actor pools (when they do not fit on one device together); none: one pool")
+    actors: int | None = Field(None, gt=0, description="actors per pool; none: one per GPU, or one per 2 CPUs without GPUs")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 on GPU clusters)")
+    threads_per_actor: int = Field(2, gt=0, description="torch CPU threads per actor")
+
+
+class DistillConfig(Strict):
+    student: str = Field("vit_tiny_patch16_224", description="timm architecture of the student")
+    student_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm create_model kwargs")
+    init: str = Field("random:0", description="random:SEED, hf-hub:org/name, or a checkpoint file")
+    teachers: list[str] | None = Field(None, description="teachers to distil (default: every store in RUN/features)")
+    recipes: dict[str, str] = Field(default_factory=dict, description="teacher -> recipe (default: the first recipe)")
+    nested_dims: list[int] | None = Field(None, description="default: powers of two from 16 to D, plus D")
+    head_hidden: int = Field(512, gt=0)
+    tied_heads: bool = False
+    teacher_weights: dict[str, float] = Field(default_factory=dict)
+    dim_weights: dict[int, float] = Field(default_factory=dict)
+    alpha: float = Field(0.9, ge=0, description="weight of (1 - cosine)")
+    beta: float = Field(0.1, ge=0, description="weight of smooth-L1")
+    standardize: Literal["phi-s", "zscore"] = "phi-s"
+    standardize_sample: int = Field(4096, gt=1, description="rows sampled to fit the target standardizer")
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)
+    accumulation: int = Field(1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 0
+    val_slides: int = Field(1, ge=0, description="slides held out for validation")
+    eval_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together")
+    loader_workers: int = Field(1, ge=0, description="background loading workers")
+
+
 class Config(Strict):
     run: Path = Field(Path("runs/demo"), description="the run directory")
     slides: list[Path] = Field(default_factory=list, description="slide files, folders, or manifests (CSV/YAML: path, mpp)")
@@ -71,6 +113,8 @@ class Config(Strict):
     tissue: TissueConfig = TissueConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -80,6 +80,44 @@ def create_tile_store(path: Path, n_rows: int, tile_side: int, store: StoreConfi
     return group
 
 
+def create_feature_store(
+    path: Path, tile_attrs: dict, chunk_rows: int, shard_rows: int, store: StoreConfig,
+    teacher: dict, recipes: dict[str, int], views: list[dict],
+) -> zarr.Group:
+    """One float16 [N, V, D] array per recipe, rows aligned with the tile store's chunks and shards."""
+    n_rows = tile_attrs["n_rows"]
+    group = zarr.open_group(str(path), mode="w")
+    for recipe, width in recipes.items():
+        shape = (n_rows, len(views), width)
+        group.create_array(
+            recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store),
+            chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
+        )
+    group.attrs.update({
+        "store_id": new_store_id(),
+        "n_rows": n_rows,
+        "tile_store_id": tile_attrs["store_id"],
+        "teacher": teacher,
+        "recipes": recipes,
+        "views": views,
+        "versions": versions(),
+        "created": now(),
+        "schema": FEATURES_SCHEMA,
+    })
+    return group
+
+
+def open_feature_store(path: Path, tiles: zarr.Group) -> zarr.Group:
+    """A finished feature store that belongs to ``tiles``; any other is refused with the reason."""
+    features = open_store(path, FEATURES_SCHEMA)
+    found, expected = features.attrs["tile_store_id"], tiles.attrs["store_id"]
+    if found != expected:
+        raise StoreError(f"{path} was computed from tile store {found}, not from this one ({expected}); rerun features for this tile store")
+    if features.attrs["n_rows"] != tiles.attrs["n_rows"]:
+        raise StoreError(f"{path} has {features.attrs['n_rows']} rows but the tile store has {tiles.attrs['n_rows']}; rerun features")
+    return features
+
+
 def open_store(path: Path, schema: str | None = None) -> zarr.Group:
     """Open a finished pathdistill store read-only, or explain what is wrong with ``path``."""
     path = Path(path)
