@@ -65,6 +65,49 @@ def tiles(
         raise typer.Exit(1)
 
 
+@app.command()
+def features(
+    config: ConfigOption = None,
+    out: OutOption = None,
+    address: AddressOption = None,
+    teachers: Annotated[Optional[str], typer.Option(help="comma-separated teacher names (default: the config's)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace feature stores that are finished or were computed differently")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """RUN/tiles.zarr + teachers -> RUN/features/<teacher>.zarr (every teacher reads each tile once; resumable)."""
+    from pipeline.feature_stage import print_summary, run_features
+    from pipeline.teachers import UnknownTeacherError
+
+    try:
+        settings = load_config(config, {"run": out, "ray.address": address})
+        summary = run_features(settings, teachers.split(",") if teachers else None, overwrite=overwrite)
+    except (ConfigError, StoreError, UnknownTeacherError) as error:
+        fail(error)
+    if as_json:
+        print(json.dumps(summary.as_record(), indent=2))
+    else:
+        print_summary(summary)
+
+
+@app.command("teachers")
+def list_teachers(as_json: JsonOption = False) -> None:
+    """The teacher registry: name, parameters, embedding widths, recipes, mpp, source."""
+    from pipeline.progress import results, table
+    from pipeline.teachers import describe_teachers
+
+    entries = describe_teachers()
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    results.print(table("teachers", ["name", "params", "widths", "mpp", "source"], [
+        [
+            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), f"{e['params'] / 1e6:.1f}M",
+            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), str(e["mpp"]), e["source"],
+        ]
+        for e in entries
+    ]))
+
+
 @app.command("inspect-store")
 def inspect_store(
     path: Annotated[Path, typer.Argument(help="a tiles.zarr or features/<teacher>.zarr store")],
