@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from pipeline.progress import progress_bar, results, table
-from pipeline.stores import TILES_SCHEMA, UnitMarkers, open_store, unit_ranges
+from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, open_store, unit_ranges
 from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
 
 
@@ -47,7 +47,6 @@ def describe_store(path: Path, verify: bool = False) -> dict:
     attrs = dict(group.attrs)
     arrays = {name: group[name] for name in sorted(group.array_keys())}
     n_rows = attrs["n_rows"]
-    shard_rows = (arrays["tiles"].shards or arrays["tiles"].chunks)[0] if "tiles" in arrays else None
     description = {
         "path": str(path),
         "schema": attrs["schema"],
@@ -59,14 +58,45 @@ def describe_store(path: Path, verify: bool = False) -> dict:
         "stored_bytes": directory_bytes(path),
     }
     description["compression_ratio"] = round(sum(a["bytes"] for a in description["arrays"].values()) / description["stored_bytes"], 2)
+    first = next(iter(arrays.values()))
+    units = unit_ranges(n_rows, (first.shards or first.chunks)[0])
+    description["units"] = {"total": len(units), "marked_done": len(UnitMarkers(path, attrs["store_id"]).done() & set(range(len(units))))}
     if attrs["schema"] == TILES_SCHEMA:
         description["tiling"] = attrs["tiling"]
         description["slides"] = attrs["slides"]
-        units = unit_ranges(n_rows, shard_rows)
-        description["units"] = {"total": len(units), "marked_done": len(UnitMarkers(path, attrs["store_id"]).done() & set(range(len(units))))}
+    else:
+        description.update(teacher=attrs["teacher"], views=attrs["views"], recipes=attrs["recipes"])
+        description["tile_store"] = tile_store_link(path, attrs)
+        description["statistics"] = {name: feature_statistics(array) for name, array in arrays.items()}
     if verify:
         description["verify"] = verify_arrays(arrays, n_rows)
     return description
+
+
+def tile_store_link(path: Path, attrs: dict) -> dict:
+    """Whether the tile store beside ``features/`` is the one these features were computed from."""
+    tiles_path = path.parent.parent / "tiles.zarr"
+    link = {"path": str(tiles_path), "expected_id": attrs["tile_store_id"]}
+    try:
+        tiles = open_store(tiles_path, TILES_SCHEMA)
+    except StoreError as error:
+        return {**link, "status": f"not found: {error}"}
+    matches = tiles.attrs["store_id"] == attrs["tile_store_id"] and tiles.attrs["n_rows"] == attrs["n_rows"]
+    return {**link, "status": "matches" if matches else f"does not match (its id is {tiles.attrs['store_id']})"}
+
+
+def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
+    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks."""
+    step = array.chunks[0]
+    starts = range(0, array.shape[0], step)
+    chosen = list(starts)[:: max(1, len(starts) * step // sample_rows)]
+    sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
+    finite = sample[np.isfinite(sample).all(axis=1)]
+    return {
+        "rows_sampled": int(len(sample) // max(1, array.shape[1])),
+        "mean_norm": round(float(np.linalg.norm(finite, axis=1).mean()), 4) if len(finite) else None,
+        "mean_dim_std": round(float(finite.std(axis=0).mean()), 4) if len(finite) else None,
+    }
 
 
 def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
@@ -113,8 +143,6 @@ def print_description(description: dict) -> None:
     if "tiling" in description:
         t = description["tiling"]
         out.print(f"tiling: {t['tile_px']} px at {t['target_mpp']} um/px, overlap {t['overlap_px']}, context {t['context_px']}, tolerance {t['mpp_tolerance']}, tissue >= {t['tissue']['min_fraction']} (mask at {t['tissue']['mask_mpp']} um/px)")
-        units = description["units"]
-        out.print(f"units: {units['marked_done']}/{units['total']} marked done")
         out.print(table("slides", ["id", "name", "mpp (source)", "dimensions", "read", "rows", "status"], [
             [
                 str(s["id"]), s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-",
@@ -123,6 +151,18 @@ def print_description(description: dict) -> None:
             ]
             for s in description["slides"]
         ]))
+    if "teacher" in description:
+        teacher = description["teacher"]
+        stand_in = " [yellow](random stand-in)[/yellow]" if teacher.get("stand_in") else ""
+        out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}...")
+        out.print(f"  input {teacher['input_px']} px ({teacher['resize']}), mean {teacher['mean']}, std {teacher['std']}, precision {teacher['precision']}, target mpp {teacher['target_mpp']}")
+        out.print("views: " + ", ".join(describe_view(view) for view in description["views"]))
+        out.print(f"tile store: {description['tile_store']['path']} {description['tile_store']['status']}")
+        out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [
+            [name, str(description["recipes"][name]), str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+            for name, stats in description["statistics"].items()
+        ]))
+    out.print(f"units: {description['units']['marked_done']}/{description['units']['total']} marked done")
     out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"], [
         [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"])]
         for name, a in description["arrays"].items()
@@ -136,6 +176,10 @@ def print_description(description: dict) -> None:
         )
         for problem in v["missing_chunks"][:10] + v["corrupt_chunks"][:10]:
             out.print(f"  {problem}")
+
+
+def describe_view(view: dict) -> str:
+    return f"crop({view['dx']},{view['dy']})" if view["name"] == "crop" else view["name"]
 
 
 def describe_read(read: dict | None) -> str:

@@ -35,8 +35,9 @@ class StoreError(ValueError):
     """A store is missing, of the wrong schema, or does not match what the command was given."""
 
 
-def compressors(store: StoreConfig) -> list:
-    return [BloscCodec(cname=store.codec, clevel=store.clevel, shuffle="noshuffle"), Crc32cCodec()]
+def compressors(store: StoreConfig, byte_shuffle: bool = False) -> list:
+    """Blosc then a crc32c checksum per chunk. Byte shuffle helps multi-byte values (features), not RGB bytes."""
+    return [BloscCodec(cname=store.codec, clevel=store.clevel, shuffle="shuffle" if byte_shuffle else "noshuffle"), Crc32cCodec()]
 
 
 def versions() -> dict[str, str]:
@@ -90,7 +91,7 @@ def create_feature_store(
     for recipe, width in recipes.items():
         shape = (n_rows, len(views), width)
         group.create_array(
-            recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store),
+            recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
             chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
         )
     group.attrs.update({
