@@ -30,6 +30,7 @@ class TilingConfig(Strict):
     context_px: int = Field(0, ge=0, description="margin stored around each tile (for cropped views)")
     mpp_tolerance: float = Field(0.05, ge=0, lt=1, description="relative mpp difference treated as equal")
     allow_upsample: bool = Field(False, description="allow targets finer than the slide's base level")
+    reader: Literal["auto", "openslide"] = Field("auto", description="auto: decode tiled TIFF/SVS levels directly, OpenSlide for the rest")
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingConfig:
@@ -100,10 +101,41 @@ class DistillConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     val_slides: int = Field(1, ge=0, description="slides held out for validation")
+    val_rows: int | None = Field(2048, gt=0, description="validation rows evaluated, from evenly spaced chunks of the held-out slides (none: all)")
     eval_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
+
+
+class EvalDatasetConfig(Strict):
+    name: str = Field(description="short name for tables, plots and the embedding cache")
+    kind: Literal["imagefolder", "tile_store"] = Field(description="imagefolder: PATH/{train,val,test}/<class>/<image> (or PATH/<class>/<image> with split_file); tile_store: a tiles.zarr with a 'label' array")
+    path: Path = Field(description="the dataset's folder or tile store")
+    mpp: float | None = Field(None, gt=0, description="micrometres per pixel of its images; required for imagefolder (a tile store's own target mpp by default)")
+    split_file: Path | None = Field(None, description="CSV with columns item,split (train, val or test); item: image path relative to PATH, or tile store row")
+
+
+class EvaluateConfig(Strict):
+    datasets: list[EvalDatasetConfig] = Field(default_factory=list, description="labelled sets; empty: the demo labelled set built from RUN/tiles.zarr (distill/demo_eval.py)")
+    student: Path | None = Field(None, description="exported student directory (none: RUN/student)")
+    dims: list[int] | None = Field(None, description="student widths to evaluate (none: its nested dims)")
+    teachers: list[str] | None = Field(None, description="registry teachers to compare with, weights from features.weights (none: features.teachers)")
+    feature_stores: list[Path] = Field(default_factory=list, description="feature stores already computed, each evaluated on the labelled tile store it was computed from")
+    probes: list[Literal["logreg", "knn", "linear"]] = Field(default_factory=lambda: ["logreg", "knn", "linear"], description="logistic regression (C chosen on val), kNN (cosine), eva's linear layer (AdamW)")
+    seeds: int = Field(3, gt=0, description="runs of each seeded probe, reported as mean and std")
+    knn_k: int = Field(20, gt=0, description="neighbours of the kNN probe")
+    logreg_c: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], description="inverse regularisation strengths tried; the best on val is kept")
+    linear_steps: int = Field(1000, gt=0, description="AdamW steps of the linear probe (eva: 12,500), early-stopped on val loss")
+    linear_lr: float = Field(3e-4, gt=0, description="learning rate of the linear probe (eva: 3e-4)")
+    linear_batch: int = Field(256, gt=0, description="batch size of the linear probe (eva: 256)")
+    retrieval_k: list[int] = Field(default_factory=lambda: [1, 5], description="k of top-k same-class retrieval (test queries against train)")
+    pairs: Path | None = Field(None, description="paired tiles for robustness: PATH/<condition>/<image>, the same file names under every condition; none: a stain/scanner proxy made from tiles of the first dataset")
+    pairs_mpp: float | None = Field(None, gt=0, description="micrometres per pixel of the paired tiles")
+    pair_tiles: int = Field(64, gt=1, description="tiles of the robustness pairs (sampled when there are more)")
+    pair_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], description="k of the PLISM top-k pair retrieval")
+    fidelity_rows: int | None = Field(None, gt=0, description="held-out rows fidelity is re-measured on (none: the run's distill.val_rows, which reproduces its final validation)")
+    batch_size: int = Field(32, gt=0, description="images per forward pass")
 
 
 class Config(Strict):
@@ -115,6 +147,7 @@ class Config(Strict):
     ray: RayConfig = RayConfig()
     features: FeaturesConfig = FeaturesConfig()
     distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

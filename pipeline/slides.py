@@ -11,6 +11,9 @@ import numpy as np
 import openslide
 import yaml
 
+from pipeline.tiff_levels import TiffLevelError, TiffLevels
+
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
 HASH_SAMPLES = 16
@@ -86,20 +89,41 @@ def content_hash(path: Path) -> str:
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's RGBA on white: transparent pixels are outside the scanned area."""
+    if rgba[..., 3].min() == 255:  # the usual case inside a slide: nothing to composite
+        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
     return rgb.astype(np.uint8)
 
 
 class SlideReader:
-    """One open OpenSlide handle that reopens once after an error (OpenSlide errors latch)."""
+    """One open slide. Tiled TIFF levels are decoded directly (``direct``); the rest is read through
+    OpenSlide, reopened once after an error since OpenSlide errors latch."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, direct: bool = True):
         self.path = Path(path)
         self.slide = openslide.OpenSlide(str(self.path))
+        self.tiff = self._tiff_levels() if direct and self.path.suffix.lower() in TIFF_SUFFIXES else None
+
+    def _tiff_levels(self) -> TiffLevels | None:
+        try:
+            return TiffLevels(self.path, self.slide.level_dimensions)
+        except Exception:  # noqa: BLE001 - a TIFF that tifffile cannot parse is still OpenSlide's to read
+            return None
+
+    def backend(self, level: int) -> str:
+        """Which reader serves ``level``: recorded with the slide, since it decides sub-pixel placement."""
+        return "tifffile" if self.tiff is not None and level in self.tiff.pages else "openslide"
 
     def read(self, location0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 [h, w, 3] of ``size`` level pixels whose top-left is ``location0`` at level 0."""
+        if self.backend(level) == "tifffile":
+            downsample = self.slide.level_downsamples[level]
+            x, y = (int(round(v / downsample)) for v in location0)
+            try:
+                return self.tiff.read(level, x, y, *size)
+            except TiffLevelError as error:
+                raise SlideReadError(str(error)) from error
         try:
             return self._read_once(location0, level, size)
         except openslide.OpenSlideError:
@@ -119,6 +143,8 @@ class SlideReader:
 
     def close(self) -> None:
         self.slide.close()
+        if self.tiff is not None:
+            self.tiff.close()
 
     def __enter__(self) -> SlideReader:
         return self

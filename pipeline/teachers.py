@@ -311,7 +311,10 @@ class LoadedTeacher:
 
     def embed(self, batch_uint8_nhwc: Tensor) -> dict[str, Tensor]:
         """Float32 ``[B, width]`` per recipe, from uint8 RGB tiles, with the teacher's own preprocessing."""
-        pixels = self.preprocess(batch_uint8_nhwc)
+        return self.forward(self.preprocess(batch_uint8_nhwc))
+
+    def forward(self, pixels: Tensor) -> dict[str, Tensor]:
+        """The model alone, on preprocessed NCHW pixels, under the teacher's autocast precision."""
         dtype = AUTOCAST_DTYPES[self.spec.precision]
         if self.device.type == "cpu" and dtype is not None:
             dtype = torch.bfloat16  # CPU autocast: fp16 has few fast CPU kernels, bf16 has

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,8 @@ class TileSummary:
     units_run: int = 0
     seconds: float = 0.0
     read_failed_tiles: int = 0
-    timings: dict = field(default_factory=dict)
+    rows_written: int = 0
+    units_seconds: float = 0.0  # wall time of the unit phase (reading and writing), without start-up and planning
 
     @property
     def failed_slides(self) -> list[dict]:
@@ -49,8 +50,7 @@ class TileSummary:
 
     @property
     def tiles_per_second(self) -> float:
-        written = sum(self.timings.get("rows", []) or [0])
-        return written / self.seconds if self.seconds else 0.0
+        return self.rows_written / self.units_seconds if self.units_seconds else 0.0
 
     def as_record(self) -> dict:
         return {
@@ -61,6 +61,7 @@ class TileSummary:
             "units_total": self.units_total,
             "units_run": self.units_run,
             "wall_seconds": round(self.seconds, 3),
+            "units_seconds": round(self.units_seconds, 3),
             "tiles_per_second": round(self.tiles_per_second, 2),
             "read_failed_tiles": self.read_failed_tiles,
             "failures": [{"name": s["name"], "path": s["path"], "error": s["error"]} for s in self.failed_slides],
@@ -182,7 +183,6 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
         unit_task.remote(str(store_path), store_id, unit, ranges[unit][0], _unit_segments(plans, *ranges[unit])): unit
         for unit in todo
     }
-    timings: dict[str, list] = {"rows": [], "read_seconds": [], "write_seconds": []}
     unit_started = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
@@ -190,12 +190,10 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
             ready, _ = ray.wait(list(pending), num_returns=1)
             pending.pop(ready[0])
             stats = ray.get(ready[0])
-            for key in timings:
-                timings[key].append(stats[key])
+            summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
-            rate = sum(timings["rows"]) / (time.perf_counter() - unit_started)
-            progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
-    summary.timings = timings
+            summary.units_seconds = time.perf_counter() - unit_started
+            progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
     # Count blank tiles of units finished by an earlier, interrupted run too.
     if done:
         flags = open_store(store_path, TILES_SCHEMA)["flags"][:]
@@ -215,6 +213,7 @@ def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
             "path": plan.record["path"],
             "dimensions": tuple(plan.record["dimensions"]),
             "read": plan.record["read"],
+            "reader": plan.record["reader"],
             "coords": plan.coords[lo - first : hi - first],
             "tissue": plan.tissue[lo - first : hi - first],
         })
@@ -228,7 +227,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
     for segment in segments:
         plan = ReadPlan(**segment["read"])
         try:
-            reader = SlideReader(Path(segment["path"]))
+            reader = SlideReader(Path(segment["path"]), direct=segment["reader"] == "tifffile")
         except Exception:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
             reader = None
         try:
@@ -265,6 +264,7 @@ def print_summary(summary: TileSummary) -> None:
     ]))
     results.print(
         f"{summary.n_rows} tiles from {len(summary.slides) - len(summary.failed_slides)}/{len(summary.slides)} slides; "
-        f"{summary.units_run}/{summary.units_total} units written in {summary.seconds:.1f} s "
-        f"({summary.tiles_per_second:.0f} tiles/s); {summary.read_failed_tiles} tiles blank after read errors"
+        f"{summary.units_run}/{summary.units_total} units ({summary.rows_written} tiles) written in {summary.units_seconds:.1f} s "
+        f"({summary.tiles_per_second:.0f} tiles/s; {summary.seconds:.1f} s with start-up and planning); "
+        f"{summary.read_failed_tiles} tiles blank after read errors"
     )

@@ -53,7 +53,7 @@ def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: Ti
             raise SlideSkipped(f"file not found: {path}; fix the path or remove it from the slide list")
         record.update(size=path.stat().st_size, hash=content_hash(path))
         try:
-            reader = SlideReader(path)
+            reader = SlideReader(path, direct=tiling.reader == "auto")
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
             raise SlideSkipped(f"OpenSlide cannot open it ({type(error).__name__}: {error}); is it a whole-slide image?") from error
         with reader:
@@ -84,7 +84,7 @@ def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, til
         mpp0, slide.level_downsamples, tiling.target_mpp, tiling.tile_px, tiling.overlap_px,
         tiling.context_px, tiling.mpp_tolerance, tiling.allow_upsample,
     )
-    record["read"] = plan.as_record()
+    record.update(read=plan.as_record(), reader=reader.backend(plan.level))
     coords = tile_grid(slide.dimensions, plan)
     if len(coords) == 0:
         raise SlideSkipped(f"slide {tuple(slide.dimensions)} px is smaller than one tile ({plan.to_level0(plan.read_px)} level-0 px)")
@@ -136,7 +136,7 @@ def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, 
     block_cells = np.array(BLOCK_CELLS[::-1])  # (columns, rows)
     cells = (level_xy + plan.context_read_px) // plan.step_px // block_cells
     origins = cells * block_cells * plan.step_px - plan.context_read_px
-    _, block_of_tile = np.unique(cells, axis=0, return_inverse=True)
+    _, block_of_tile = np.unique(cells[:, ::-1], axis=0, return_inverse=True)  # blocks in row-major order
     for block in range(block_of_tile.max() + 1 if len(coords0) else 0):
         members = np.flatnonzero(block_of_tile == block)
         left, top = origins[members[0]]

@@ -228,3 +228,16 @@ def test_inspect_store_reads_and_verifies_without_writing(tmp_path, real_svs):
     report = json.loads(result.stdout)["verify"]
     assert result.returncode == 1 and not report["ok"]
     assert [c["array"] for c in report["corrupt_chunks"]] == ["tiles"]
+
+
+def test_direct_tiff_decoding_gives_openslides_pixels(real_svs, slide_factory, he_pixels):
+    """Tiled TIFF/SVS levels decoded with tifffile equal OpenSlide's regions, inside, at and beyond the edges."""
+    even = slide_factory("even.tiff", he_pixels[:2048, :2048], mpp=0.25, levels=3)
+    for path, level in ((real_svs, 0), (even, 1), (even, 2)):
+        with SlideReader(path) as direct, SlideReader(path, direct=False) as through_openslide:
+            assert direct.backend(level) == "tifffile" and through_openslide.backend(level) == "openslide"
+            downsample = int(direct.slide.level_downsamples[level])
+            width, height = direct.slide.level_dimensions[level]
+            for x, y, w, h in ((0, 0, 300, 200), (width - 150, height - 100, 300, 200), (-40, 10, 100, 100), (37, 53, 511, 257)):
+                location0 = (x * downsample, y * downsample)
+                assert np.array_equal(direct.read(location0, level, (w, h)), through_openslide.read(location0, level, (w, h))), (path.name, level, x, y)

@@ -1,0 +1,37 @@
+"""``python -m bench [--quick]``: run every figure, print the table, write bench/results/latest.{json,md}.
+
+``--quick`` runs each figure on a handful of tiles: the smoke test uses it, not the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import features, tiling
+from bench.common import RESULTS, write_results
+from pipeline.config import Config, FeaturesConfig, RayConfig
+from pipeline.demo_data import make_demo_slides
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny inputs: checks the bench runs, numbers mean little")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json, latest.md and plots go")
+    args = parser.parse_args()
+    work = args.out / "work"
+    slides = {path.name: path for path in make_demo_slides(DEMO)}
+    tiled_slides = [slides["cmu_small_region.svs"]] if args.quick else [slides["synthetic_40x_large.tiff"], slides["cmu_small_region.svs"]]
+    rows = tiling.measure(tiled_slides, work, args.quick)
+    tiled_run = Config(
+        run=work / f"tiles-{tiled_slides[0].stem}-2", slides=[tiled_slides[0]], ray=RayConfig(num_cpus=2),
+        features=FeaturesConfig(actors=1),
+    )
+    rows += features.measure(tiled_run, args.quick)
+    write_results(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Figure 2: the feature pipeline's tiles/s against the bare model forward on tensors already in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import zarr
+
+from bench.common import Row, timed
+from pipeline.config import Config
+from pipeline.feature_stage import run_features
+from pipeline.teachers import build_teacher
+
+FIGURE = "2 features"
+
+
+def bare_forward_tiles_per_second(name: str, tiles: torch.Tensor, batch_size: int, threads: int) -> float:
+    """The model alone: preprocessing done beforehand, same precision, batch and threads as the actors."""
+    torch.set_num_threads(threads)
+    teacher = build_teacher(name)
+    batches = [teacher.preprocess(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+    teacher.forward(batches[0])  # warm-up
+    return len(tiles) / timed(lambda: [teacher.forward(batch) for batch in batches], repeat=2)
+
+
+def measure(tiled: Config, quick: bool) -> list[Row]:
+    """``tiled`` is a config whose run directory already holds a finished tile store."""
+    settings = tiled.features
+    teachers = settings.teachers
+    tiles = torch.from_numpy(zarr.open_group(str(tiled.run / "tiles.zarr"), mode="r")["tiles"][:])
+    bare = {name: bare_forward_tiles_per_second(name, tiles, settings.batch_size, settings.threads_per_actor) for name in teachers}
+    bare_all = 1 / sum(1 / rate for rate in bare.values())  # one tile through every teacher
+    one_pass = run_features(tiled, overwrite=True)
+    pipeline = one_pass.rows_done / one_pass.units_seconds
+    separate_seconds = sum(run_features(tiled, [name], overwrite=True).units_seconds for name in teachers)
+    rows = [Row(FIGURE, f"bare forward, {name}", rate, "tiles/s", note=f"batch {settings.batch_size}, {settings.threads_per_actor} threads, {len(tiles)} tiles") for name, rate in bare.items()]
+    rows += [
+        Row(FIGURE, f"pipeline, {len(teachers)} teachers in one pass", pipeline, "tiles/s", f"bare forward of all teachers ({bare_all:.1f} tiles/s)", pipeline / bare_all, ">= 0.9", "read + transform + forward + write, on Ray"),
+        Row(FIGURE, f"{len(teachers)} separate passes vs one pass", separate_seconds, "s", f"one pass ({one_pass.units_seconds:.1f} s)", separate_seconds / one_pass.units_seconds, "", "> 1: one pass saves the repeated reads"),
+    ]
+    return rows
