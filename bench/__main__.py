@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import features, tiling
+from bench import features, inference, memory, stores, tiling
 from bench.common import RESULTS, write_results
 from pipeline.config import Config, FeaturesConfig, RayConfig
 from pipeline.demo_data import make_demo_slides
@@ -30,6 +30,10 @@ def main() -> None:
         features=FeaturesConfig(actors=1),
     )
     rows += features.measure(tiled_run, args.quick)
+    rows += stores.measure(tiled_run.run, args.quick)
+    rows += inference.measure(args.quick)
+    stages = ["tiles", "features"]
+    rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_odd_mpp.tiff"], work, stages, args.out / "plots")
     write_results(rows, args.out)
 
 
