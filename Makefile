@@ -28,7 +28,7 @@ features: $(VENV)/.installed
 	$(PY) cli.py features --config $(CONFIG)
 
 distill: $(VENV)/.installed
-	$(PY) cli.py distill --config $(CONFIG)
+	$(PY) cli.py distill --config $(CONFIG) --resume
 
 evaluate: $(VENV)/.installed
 	$(PY) cli.py evaluate --config $(CONFIG)

@@ -11,6 +11,7 @@ import typer
 from pipeline.config import ConfigError, load_config
 from pipeline.progress import console
 from pipeline.stores import StoreError
+from pipeline.submit import KubernetesStage, RayStage, SubmitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil pathology foundation models into small nested-embedding students.")
 
@@ -89,6 +90,64 @@ def features(
         print_summary(summary)
 
 
+@app.command()
+def distill(
+    config: ConfigOption = None,
+    out: OutOption = None,
+    resume: Annotated[bool, typer.Option(help="continue exactly from the newest checkpoint in RUN/student/checkpoints")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="training steps (overrides distill.steps)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Tile + feature stores -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
+    from distill.train import run_distill
+
+    try:
+        settings = load_config(config, {"run": out, "distill.steps": steps})
+        summary = run_distill(settings, resume=resume)
+    except (ConfigError, StoreError, FileNotFoundError) as error:
+        fail(error)
+    if summary and as_json:
+        print(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def embed(
+    student: Annotated[Path, typer.Option(help="exported student directory (RUN/student)")],
+    tiles_store: Annotated[Path, typer.Option("--tiles", help="tile store to embed")],
+    out_store: Annotated[Path, typer.Option("--out", help="feature store to write (schema pathdistill.features/1)")],
+    dim: Annotated[int, typer.Option(help="nested embedding width to keep")],
+) -> None:
+    """Student embeddings at one nested width for a tile store, into a feature store."""
+    from distill.embed import embed_tile_store
+
+    try:
+        console.print(f"wrote {embed_tile_store(student, tiles_store, out_store, dim)}")
+    except (StoreError, ValueError) as error:
+        fail(error)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption = None,
+    out: OutOption = None,
+    student: Annotated[Optional[Path], typer.Option(help="exported student directory (default: RUN/student)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
+    from distill.evaluate import EvaluateError, print_summary, run_evaluate
+    from pipeline.teachers import TeacherWeightsError
+
+    try:
+        settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None})
+        result = run_evaluate(settings)
+    except (ConfigError, StoreError, EvaluateError, TeacherWeightsError) as error:
+        fail(error)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_summary(result)
+
+
 @app.command("teachers")
 def list_teachers(as_json: JsonOption = False) -> None:
     """The teacher registry: name, parameters, embedding widths, recipes, mpp, source."""
@@ -127,6 +186,67 @@ def inspect_store(
         print_description(description)
     if verify and not description["verify"]["ok"]:
         raise typer.Exit(1)
+
+
+submit_app = typer.Typer(no_args_is_help=True, help="Render clusters/ templates for a run and submit them (Slurm or Kubernetes).")
+app.add_typer(submit_app, name="submit")
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="print what would be submitted; submit nothing")]
+
+
+@submit_app.command("slurm")
+def submit_slurm(
+    stage: Annotated[RayStage, typer.Argument(help="the stage to run on a Ray cluster over the allocation")],
+    config: ConfigOption = None,
+    nodes: Annotated[int, typer.Option(min=1, help="nodes (one Ray node each)")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=0, help="GPUs per node")] = 0,
+    cpus_per_node: Annotated[Optional[int], typer.Option(min=1, help="CPUs per node (default: whole nodes)")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="Slurm partition")] = None,
+    time: Annotated[Optional[str], typer.Option(help="time limit, e.g. 12:00:00")] = None,
+    python: Annotated[Optional[Path], typer.Option(help="interpreter on the nodes (default: this one)")] = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Render clusters/slurm/ray-stage.sbatch into RUN/slurm/STAGE.sbatch and sbatch it (resubmit it to resume)."""
+    from pipeline.submit import SlurmOptions, render_sbatch, submit_slurm as submit
+
+    try:
+        options = SlurmOptions(**_given(
+            stage=stage, config=config, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
+            partition=partition, time=time, python=python,
+        ))
+        if dry_run:
+            print(render_sbatch(options), end="")
+            return
+        job_id, script = submit(options)
+    except (ConfigError, SubmitError) as error:
+        fail(error)
+    console.print(f"submitted Slurm job {job_id}: {script}")
+
+
+@submit_app.command("k8s")
+def submit_k8s(
+    stage: Annotated[KubernetesStage, typer.Argument(help="tiles or features (a RayJob), distill (a Job on one GPU node)")],
+    image: Annotated[str, typer.Option(help="image built from clusters/Dockerfile")],
+    pvc: Annotated[str, typer.Option(help="ReadWriteMany PersistentVolumeClaim holding slides and runs")],
+    config: ConfigOption = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray worker pods")] = 1,
+    gpus_per_worker: Annotated[Optional[int], typer.Option(min=0, help="GPUs per worker pod (default: the manifest's)")] = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Render clusters/k8s/ for a run (a ConfigMap with the config + the RayJob or Job) and kubectl apply it."""
+    from pipeline.submit import KubernetesOptions, render_kubernetes, submit_kubernetes
+
+    try:
+        options = KubernetesOptions(**_given(
+            stage=stage, config=config, image=image, pvc=pvc, workers=workers, gpus_per_worker=gpus_per_worker,
+        ))
+        print(render_kubernetes(options) if dry_run else submit_kubernetes(options), end="")
+    except (ConfigError, SubmitError) as error:
+        fail(error)
+
+
+def _given(**values):
+    """Options the user set; the rest keep the defaults of the options model."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def ray_session(settings: RayConfig) -> Iterator[None]:
     if settings.address:
         ray.init(address=settings.address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": always a fresh Ray on this machine, never one a stray `ray start` left behind.
+        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -1,0 +1,149 @@
+"""The ``evaluate`` stage: what a nested student keeps of its teachers, per embedding width.
+
+For every labelled set, the student at each nested dim and each teacher at full width are probed
+(logistic regression, kNN, eva's linear layer) and asked for same-class retrieval; all of them are
+measured for robustness on pairs of the same tiles under different staining and scanning (PLISM's
+metrics); and the student's fidelity to its teachers on its held-out slides is re-measured. Models
+are built one at a time, and embeddings are cached per model and image set.
+
+RUN/evaluate/
+  evaluate.json  schema pathdistill.evaluate/1: models, datasets, classification, robustness, fidelity
+  evaluate.md    the same as tables
+  plots/         <dataset>.png, robustness.png, fidelity.png: scores against the student's dim
+  cache/         <model>-<identity>/<image set>-<identity>.npz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from distill.demo_eval import demo_dataset
+from distill.embedders import Embedder, Embeddings, StoredFeatures, StudentEmbedder, TeacherEmbedder, cached_embeddings, check_teacher_names
+from distill.eval_report import classification_table, write_markdown, write_plots
+from distill.fidelity import fidelity
+from distill.labelled import EvaluateError, LabelledSet, StoreTiles, open_labelled
+from distill.probes import ProbeData, retrieval_accuracy, run_probes
+from distill.robustness import PairSet, paired_folder, proxy_pairs, robustness
+from pipeline.config import Config, EvaluateConfig
+from pipeline.progress import results, table
+from pipeline.report import append_stage_record
+from pipeline.stores import now
+
+__all__ = ["EvaluateError", "print_summary", "run_evaluate"]
+
+SCHEMA = "pathdistill.evaluate/1"
+MPP_TOLERANCE = 0.05  # relative difference between the mpp a model expects and the mpp it saw, noted beyond this
+
+
+def run_evaluate(config: Config) -> dict:
+    """Evaluate the student and the teachers; write RUN/evaluate/ and return what evaluate.json holds."""
+    started = time.perf_counter()
+    settings = config.evaluate
+    run_dir = config.run.resolve()
+    out_dir = run_dir / "evaluate"
+    # Every input is checked before the first model runs.
+    datasets = [open_labelled(entry) for entry in settings.datasets or [demo_dataset(run_dir)]]
+    student_dir = settings.student or run_dir / "student"
+    student = StudentEmbedder(student_dir, settings.dims)
+    teachers = settings.teachers if settings.teachers is not None else config.features.teachers
+    check_teacher_names(teachers)
+    stored = [StoredFeatures(path) for path in settings.feature_stores]
+    if settings.pairs is not None:
+        pairs = paired_folder(settings.pairs, settings.pairs_mpp, settings.pair_tiles)
+    else:
+        pairs = proxy_pairs(datasets[0].images, settings.pair_tiles)
+
+    builders: list[Callable[[], Embedder]] = [lambda: student, *(partial(TeacherEmbedder, name, config.features.weights.get(name)) for name in teachers)]
+    models, classification, robust = [], [], []
+    for build in builders:
+        model = build()
+        models.append(_describe(model, "student" if model is student else "teacher"))
+        for dataset in datasets:
+            embeddings = cached_embeddings(model, dataset.images, out_dir / "cache", settings.batch_size)
+            classification += _classify(model.name, model.widths, dataset, embeddings, model.mpp, settings)
+        pair_embeddings = cached_embeddings(model, pairs.images, out_dir / "cache", settings.batch_size)
+        robust += _robustness(model.name, model.widths, pairs, pair_embeddings, settings)
+        del model  # before the next build, so two teachers are never held at once
+    for features in stored:  # a feature store holds rows of one tile store: it is evaluated on that one only
+        matching = [d for d in datasets if isinstance(d.images, StoreTiles) and d.images.store_id == features.tile_store_id]
+        models.append({**_describe(features, "feature_store"), "evaluated_on": [d.name for d in matching]})
+        for dataset in matching:
+            classification += _classify(features.name, features.widths, dataset, features.rows(dataset.images), None, settings)
+
+    result = {
+        "schema": SCHEMA,
+        "created": now(),
+        "run": str(run_dir),
+        "student": {
+            "path": str(student_dir), "arch": student.record["arch"], "width": student.student.width,
+            "nested_dims": student.record["nested_dims"], "dims": student.widths["z"], "teachers": list(student.record["teachers"]),
+        },
+        "models": models,
+        "datasets": [dataset.describe() for dataset in datasets],
+        "classification": classification,
+        "robustness": {"source": pairs.source, "conditions": list(pairs.conditions), "tiles": pairs.n_tiles, "results": robust},
+        "fidelity": fidelity(run_dir, student_dir, settings.fidelity_rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out_dir / "evaluate.json", json.dumps(result, indent=2) + "\n")
+    _write_atomically(out_dir / "evaluate.md", write_markdown(result))
+    plots = write_plots(result, out_dir / "plots")
+    append_stage_record(run_dir, {
+        "stage": "evaluate",
+        "finished": now(),
+        "datasets": [dataset.name for dataset in datasets],
+        "models": [model["name"] for model in models],
+        "outputs": [str(out_dir / "evaluate.json"), str(out_dir / "evaluate.md"), *map(str, plots)],
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    })
+    return result
+
+
+def print_summary(result: dict) -> None:
+    """The classification table and where everything else is, for the terminal."""
+    out_dir = Path(result["run"]) / "evaluate"
+    results.print(table(f"evaluate: {', '.join(d['name'] for d in result['datasets'])} (test split)", *classification_table(result)))
+    results.print(f"robustness, fidelity and every table: {out_dir / 'evaluate.md'}; JSON: {out_dir / 'evaluate.json'}; plots: {out_dir / 'plots'}")
+
+
+def _describe(model: Embedder | StoredFeatures, kind: str) -> dict:
+    described = {"name": model.name, "kind": kind, "identity": model.identity, "stand_in": model.stand_in, "outputs": model.widths}
+    if kind != "feature_store":
+        described.update(mpp=model.mpp, tile_px=model.tile_px)
+    return described
+
+
+def _classify(name: str, widths: dict[str, list[int]], dataset: LabelledSet, embeddings: Embeddings, model_mpp: float | None, settings: EvaluateConfig) -> list[dict]:
+    """Probe and retrieval scores of each output of a model at each of its evaluated widths."""
+    seen = [float(embeddings.seen_mpp.min()), float(embeddings.seen_mpp.max())]
+    notes = []
+    if model_mpp is not None and max(abs(mpp / model_mpp - 1) for mpp in seen) > MPP_TOLERANCE:
+        notes.append(f"images smaller than the model's field of view: seen at {seen[0]:.3g}-{seen[1]:.3g} um/px, not {model_mpp}")
+    records = []
+    for output, dims in widths.items():
+        for dim in dims:
+            data = ProbeData.from_splits(embeddings.outputs[output][:, :dim], dataset.labels, dataset.splits, len(dataset.classes))
+            records.append({
+                "dataset": dataset.name, "model": name, "output": output, "dim": dim, "seen_mpp": seen, "notes": notes,
+                "probes": run_probes(data, settings), "retrieval": retrieval_accuracy(data, settings.retrieval_k),
+            })
+    return records
+
+
+def _robustness(name: str, widths: dict[str, list[int]], pairs: PairSet, embeddings: Embeddings, settings: EvaluateConfig) -> list[dict]:
+    return [
+        {"model": name, "output": output, "dim": dim, **robustness(embeddings.outputs[output][:, :dim], pairs, settings.pair_k)}
+        for output, dims in widths.items()
+        for dim in dims
+    ]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

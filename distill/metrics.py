@@ -1,0 +1,125 @@
+"""What a distillation run records in RUN/student/: metrics.jsonl, plots/ and report.md.
+
+metrics.jsonl holds one JSON record per line:
+  {"kind": "train", "step", "loss", "lr", "samples_per_s", "loss_by_dim": {teacher: {m: loss}}}
+  {"kind": "eval", "step", "rows", "val": {teacher: {m: {"cos": .., "r2": ..}}}}
+Validation is measured on standardized targets (the space the loss works in), see train.validate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl, flushed per line, so a killed run loses at most one record."""
+
+    def __init__(self, path: Path, keep_through: int):
+        """Keep the records up to step `keep_through` (the checkpoint resumed from; -1 for a new run) and
+        drop later ones, which a killed run wrote after its last checkpoint and the resumed run rewrites."""
+        self.path = path
+        kept = [record for record in self.read() if record["step"] <= keep_through]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        os.replace(temporary, path)
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], directory: Path) -> list[Path]:
+    """loss.png (total, and per teacher per nested dim) and val_cosine.png (per teacher per nested dim)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    teachers = list(train[-1]["loss_by_dim"]) if train else []
+    loss_panels = [("total", {"loss": ([r["step"] for r in train], [r["loss"] for r in train])})]
+    loss_panels += [(teacher, _by_dim(train, lambda r, t=teacher: r["loss_by_dim"][t])) for teacher in teachers]
+    cosine_panels = [(teacher, _by_dim(evals, lambda r, t=teacher: {m: v["cos"] for m, v in r["val"][t].items()})) for teacher in teachers]
+    return [
+        _draw(loss_panels, "training loss", directory / "loss.png"),
+        _draw(cosine_panels, "validation cosine (standardized targets)", directory / "val_cosine.png"),
+    ]
+
+
+def _by_dim(records: list[dict], values_of) -> dict[str, tuple[list[int], list[float]]]:
+    dims = list(values_of(records[-1])) if records else []
+    return {f"m={m}": ([r["step"] for r in records], [values_of(r)[m] for r in records]) for m in dims}
+
+
+def _draw(panels: list[tuple[str, dict]], ylabel: str, path: Path) -> Path:
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.5), squeeze=False)
+    for axis, (title, lines) in zip(axes[0], panels):
+        for label, (steps, values) in lines.items():
+            axis.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
+        axis.set(title=title, xlabel="step", ylabel=ylabel)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(path: Path, summary: dict) -> None:
+    """report.md: what was trained on what, the split, the final validation table and the speeds."""
+    student, speed = summary["student"], summary["speed"]
+    teachers = summary["teachers"]
+    lines = [
+        "# Distillation report",
+        "",
+        f"Student `{student['arch']}` {student['timm_kwargs']}, {student['params'] / 1e6:.2f} M parameters, "
+        f"embedding D = {student['width']}, nested dims {student['nested_dims']}, input {summary['input_px']} px "
+        f"at {summary['target_mpp']} um/px. {summary['steps']} steps of {summary['settings']['batch_size']} x "
+        f"{summary['settings']['accumulation']} samples, lr {summary['settings']['lr']}, {summary['settings']['precision']}, "
+        f"{summary['settings']['standardize']} targets, {summary['views']} view(s) per tile, {summary['world_size']} process(es).",
+        "",
+        "| teacher | recipe | width | stand-in |",
+        "|---|---|---|---|",
+        *(f"| {t} | {v['recipe']} | {v['width']} | {v['stand_in']} |" for t, v in teachers.items()),
+        "",
+        "## Data",
+        "",
+        *(f"- {line}" for line in summary["data"]),
+        f"- train: {summary['rows']['train']} rows of {', '.join(s['name'] for s in summary['split']['train'])}",
+        f"- validation: {summary['rows']['val']} rows of {', '.join(s['name'] for s in summary['split']['val']) or 'no slide'}",
+        "",
+        "## Final validation (held-out slides; cosine / R^2 on standardized targets)",
+        "",
+    ]
+    final = summary["final_val"]
+    if final:
+        dims = list(next(iter(final.values())))
+        lines += [f"| teacher | {' | '.join(f'm={m}' for m in dims)} |", f"|---|{'---|' * len(dims)}"]
+        lines += [f"| {t} | {' | '.join(_cell(by_dim[m]) for m in dims)} |" for t, by_dim in final.items()]
+    else:
+        lines.append("No validation slides (distill.val_slides = 0).")
+    lines += [
+        "",
+        "## Speed (samples/s)",
+        "",
+        f"- loader alone ({speed['loader_workers']} worker threads): {speed['loader']:.1f}",
+        f"- training step alone, on an in-memory batch: {speed['step']:.1f}",
+        f"- training as run (loader and step together, {summary['wall_seconds']:.0f} s wall): {speed['training']:.1f}",
+        "",
+        "Files: metrics.jsonl, plots/loss.png, plots/val_cosine.png, checkpoints/, student.safetensors, student.json, heads.safetensors.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _cell(scores: dict[str, float]) -> str:
+    return f"{scores['cos']:.3f} / {scores['r2']:.3f}"

@@ -1,0 +1,406 @@
+"""`distill`: train a nested (Matryoshka) student on cached teacher features, on one node.
+
+run_distill reads top to bottom like nanoGPT's train.py: open and check the stores, split slides,
+fit one target standardizer per teacher, build student + nested heads + AdamW, then per step: the
+learning rate from the schedule, `accumulation` micro-batches forward and backward, gradient
+clipping, an AdamW step; validation on held-out slides every eval_every steps, a checkpoint every
+checkpoint_every steps; at the end export, plots and report.
+
+Several GPUs of one node: run the same code under torchrun. Every rank reads the same global
+batches and trains on its own slice of each (so the global batch stays batch_size), DDP averages the
+gradients, and rank 0 alone validates and writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import closing, nullcontext
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, student_pixels, target_sample, validation_batches
+from distill.export import export_student
+from distill.losses import Parts, nested_distill_loss
+from distill.metrics import MetricsLog, plot_metrics, write_report
+from distill.standardize import Standardizer, fit_standardizer
+from distill.student import NestedHeads, Student
+from pipeline.config import Config, ConfigError, DistillConfig
+from pipeline.progress import console, progress_bar
+from pipeline.report import append_stage_record
+from pipeline.stores import StoreError, now
+
+SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
+SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the report
+
+
+@dataclass(frozen=True)
+class World:
+    """This process among torchrun's processes; a plain run is rank 0 of 1."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @classmethod
+    def from_env(cls) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if size > 1:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank() if size > 1 else 0, size, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: Rows) -> Rows:
+        """This rank's contiguous slice of a global batch."""
+        per_rank = len(batch) // self.size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def mean(self, values: Tensor) -> Tensor:
+        if self.size > 1:
+            dist.all_reduce(values)
+            values /= self.size
+        return values
+
+    def close(self) -> None:
+        if self.size > 1:
+            dist.destroy_process_group()
+
+
+class Distiller(nn.Module):
+    """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
+    into the student's pixels and standardized targets; `forward` returns the loss, so DDP sees every
+    trained parameter used inside forward."""
+
+    def __init__(
+        self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer],
+        pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], settings: DistillConfig,
+    ):
+        super().__init__()
+        self.student, self.heads = student, heads
+        self.standardizers = nn.ModuleDict(standardizers)
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
+        self.loss_weights = dict(
+            teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
+        )
+
+    def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
+        device = next(self.parameters()).device
+        images = student_pixels(torch.from_numpy(batch.tiles).to(device), self.pixel_mean, self.pixel_std)
+        targets = {t: self.standardizers[t](torch.from_numpy(y).to(device)) for t, y in batch.targets.items()}
+        return images, targets
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts]:
+        return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+
+
+def run_distill(config: Config, resume: bool = False) -> dict:
+    """Train RUN/student/ from RUN/tiles.zarr and RUN/features/; `resume` continues from the newest
+    checkpoint exactly as if the run had not stopped. Returns the run's summary (rank 0; {} on others)."""
+    started = time.perf_counter()
+    settings = config.distill
+    run_dir = config.run.resolve()
+    out_dir = run_dir / "student"
+    world = World.from_env()
+    if settings.batch_size % world.size:
+        raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
+    data = open_distill_data(run_dir, settings)
+    found = latest_checkpoint(out_dir / "checkpoints")
+    if found and not resume:
+        raise StoreError(f"{out_dir} holds checkpoints of an earlier run: resume it (--resume), or move {out_dir} away to start over")
+    checkpoint = load_checkpoint(found) if found else None
+    if checkpoint and checkpoint["data"] != data_identity(data):
+        raise StoreError(f"{found} was trained on other data ({checkpoint['data']}); move {out_dir} away to start over")
+
+    seed_everything(settings.seed)
+    student = build_student(settings, data.tile_px)
+    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    if checkpoint:
+        standardizers = {t: Standardizer.from_state(state) for t, state in checkpoint["standardizers"].items()}
+    else:
+        standardizers = {
+            t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize)
+            for t in data.targets
+        }
+    pixel_mean = tuple(student.backbone.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    pixel_std = tuple(student.backbone.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
+    model = Distiller(student, heads, standardizers, pixel_mean, pixel_std, settings).to(world.device)
+    optimizer = make_optimizer(model, settings)
+    loader = training_loader(data, settings, checkpoint["loader"] if checkpoint else None)
+    step = 0
+    if checkpoint:
+        model.student.load_state_dict(checkpoint["student"])
+        model.heads.load_state_dict(checkpoint["heads"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng(checkpoint["rng"])
+        step = checkpoint["step"]
+        if world.is_main:
+            console.print(f"resuming {out_dir} from {found.name} (step {step} of {settings.steps})")
+    # The buffers (standardizers) are equal on every rank and never change: no need to sync them every step.
+    training = DistributedDataParallel(model, forward_sync_buffers=False) if world.size > 1 else model
+    log = MetricsLog(out_dir / "metrics.jsonl", keep_through=step if checkpoint else -1) if world.is_main else None
+    if log and not checkpoint:
+        log.append({"kind": "split", "step": 0, **data.split.as_record()})
+        (out_dir / "split.json").write_text(json.dumps(data.split.as_record(), indent=2) + "\n")
+
+    def evaluate() -> None:
+        scores, rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
+        log.append({"kind": "eval", "step": step, "rows": rows, "val": scores})
+
+    first_step, loop_started = step, time.perf_counter()
+    with progress_bar() if world.is_main else nullcontext() as bar, closing(iter(loader)) as batches:
+        task = bar.add_task("distill", total=settings.steps, completed=step, rate="") if bar else None
+        if log and step == 0 and data.split.val:
+            evaluate()
+        while step < settings.steps:
+            clock = time.perf_counter()
+            lr = learning_rate(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logged = torch.zeros(1 + len(data.widths) * len(heads.nested_dims), device=world.device)
+            for micro in range(settings.accumulation):
+                last = micro == settings.accumulation - 1
+                with training.no_sync() if world.size > 1 and not last else nullcontext():
+                    loss, parts = forward_backward(training, model, world.shard(next(batches)), settings)
+                logged += torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
+            optimizer_step(model, optimizer, settings)
+            step += 1
+            total, *by_dim = world.mean(logged).tolist()
+            if not world.is_main:
+                continue
+            samples_per_s = settings.batch_size * settings.accumulation / (time.perf_counter() - clock)
+            loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
+            for (teacher, m), value in zip(parts, by_dim):
+                loss_by_dim[teacher][str(m)] = value
+            log.append({"kind": "train", "step": step, "loss": total, "lr": lr, "samples_per_s": samples_per_s, "loss_by_dim": loss_by_dim})
+            bar.update(task, completed=step, rate=f"loss {total:.4f}, {samples_per_s:.0f} samples/s")
+            if data.split.val and (step % settings.eval_every == 0 or step == settings.steps):
+                evaluate()
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data))
+    trained_seconds = time.perf_counter() - loop_started
+    world.close()
+    if not world.is_main:
+        return {}
+
+    records = log.read()
+    final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
+    export_student(student, out_dir, export_meta(data, settings, pixel_mean, pixel_std, final_val), standardizers, heads)
+    speed = {
+        **measure_speeds(model, training_loader(data, settings), settings),
+        "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
+        "loader_workers": settings.loader_workers,
+    }
+    plot_metrics(records, out_dir / "plots")
+    summary = {
+        "student_dir": str(out_dir),
+        "student": {
+            "arch": student.arch, "timm_kwargs": student.timm_kwargs, "width": student.width,
+            "nested_dims": student.nested_dims, "params": sum(p.numel() for p in student.parameters()),
+        },
+        "teachers": {
+            t: {"recipe": data.recipes[t], "width": w, "stand_in": data.teacher_specs[t].get("stand_in")} for t, w in data.widths.items()
+        },
+        "settings": settings.model_dump(mode="json"),
+        "input_px": data.tile_px,
+        "target_mpp": data.tiling["target_mpp"],
+        "views": len(data.views),
+        "world_size": world.size,
+        "data": data.describe(),
+        "split": data.split.as_record(),
+        "rows": {"train": loader.rows_per_epoch, "val": int(data.rows_of(data.split.val).sum())},
+        "steps": step,
+        "resumed_from": first_step,
+        "final_val": final_val,
+        "speed": speed,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_report(out_dir / "report.md", summary)
+    append_stage_record(run_dir, {
+        "stage": "distill",
+        "finished": now(),
+        "student_dir": str(out_dir),
+        "rows": summary["rows"],
+        "steps": step,
+        "resumed_from": first_step,
+        "wall_seconds": round(summary["wall_seconds"], 3),
+        "samples_per_second": round(speed["training"], 2),
+        "loader_samples_per_second": round(speed["loader"], 2),
+        "step_samples_per_second": round(speed["step"], 2),
+        "final_val": final_val,
+    })
+    return summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_student(settings: DistillConfig, tile_px: int) -> Student:
+    """The configured student, refused with the key to fix when it cannot take these tiles or dims."""
+    try:
+        student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init)
+    except ValueError as error:
+        raise ConfigError(f"distill.student / nested_dims / init: {error}") from error
+    if set(settings.dim_weights) - set(student.nested_dims):
+        raise ConfigError(f"distill.dim_weights names dims {sorted(settings.dim_weights)}; the nested dims are {student.nested_dims}")
+    patch_embed = getattr(student.backbone, "patch_embed", None)
+    if getattr(patch_embed, "strict_img_size", False) and tuple(patch_embed.img_size) != (tile_px, tile_px):
+        raise ConfigError(
+            f"student {settings.student} takes {tuple(patch_embed.img_size)} px images but the tiles are {tile_px} px: "
+            f"set distill.student_kwargs.img_size: {tile_px} (or dynamic_img_size: true)"
+        )
+    return student
+
+
+def training_loader(data: DistillData, settings: DistillConfig, state: dict | None = None) -> BlockShuffleLoader:
+    return BlockShuffleLoader(
+        data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, settings.seed, state
+    )
+
+
+def make_optimizer(model: nn.Module, settings: DistillConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices and embeddings, none on biases and norms (as nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr)
+
+
+def learning_rate(step: int, settings: DistillConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to zero at `steps`. A pure function of
+    the step, so the schedule needs no state of its own in checkpoints."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
+    """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
+    images, targets = model.inputs(batch)
+    with autocast(images.device, settings.precision):
+        loss, parts = training(images, targets)
+    (loss / settings.accumulation).backward()
+    return loss.detach(), parts
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DistillConfig) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple[dict, int]:
+    """Per teacher and nested dim, between each head's output and the standardized target (the space
+    the loss works in): the mean cosine over rows, and R^2 = 1 - SSE / SST summed over all dims, SST
+    around the validation mean. Returns ({teacher: {m: {"cos", "r2"}}}, rows)."""
+    model.eval()
+    cosine, squared_error, target_sum, target_square_sum = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
+    rows = 0
+    for batch in batches:
+        images, targets = model.inputs(batch)
+        with autocast(images.device, precision):
+            predictions = model.heads(model.student(images))
+        for (teacher, m), prediction in predictions.items():
+            prediction, target = prediction.double(), targets[teacher].double()
+            cosine[teacher, m] += F.cosine_similarity(prediction, target, dim=-1).sum()
+            squared_error[teacher, m] += (prediction - target).square().sum()
+        for teacher, target in targets.items():
+            target_sum[teacher] += target.double().sum(0)
+            target_square_sum[teacher] += target.double().square().sum(0)
+        rows += len(batch)
+    model.train()
+    total_squares = {t: (target_square_sum[t] - target_sum[t].square() / rows).sum() for t in target_sum}
+    scores: dict[str, dict[str, dict[str, float]]] = {t: {} for t in target_sum}
+    for (teacher, m), cosine_sum in cosine.items():
+        scores[teacher][str(m)] = {
+            "cos": (cosine_sum / rows).item(),
+            "r2": (1 - squared_error[teacher, m] / total_squares[teacher]).item(),
+        }
+    return scores, rows
+
+
+def data_identity(data: DistillData) -> dict:
+    """What a checkpoint must have been trained on to be resumed."""
+    return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s["name"] for s in data.split.val]}
+
+
+def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData) -> dict:
+    return {
+        "step": step,
+        "student": model.student.state_dict(),
+        "heads": model.heads.state_dict(),
+        "standardizers": {t: s.state_dict() for t, s in model.standardizers.items()},
+        "optimizer": optimizer.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": rng_state(),
+        "data": data_identity(data),
+    }
+
+
+def export_meta(data: DistillData, settings: DistillConfig, pixel_mean: tuple, pixel_std: tuple, final_val: dict) -> dict:
+    return {
+        "input_px": data.tile_px,
+        "target_mpp": data.tiling["target_mpp"],
+        "mean": list(pixel_mean),
+        "std": list(pixel_std),
+        "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},
+        "views": data.views,
+        "tile_store_id": data.tile_store_id,
+        "split": data.split.as_record(),
+        "final_val": final_val,
+        "distill": settings.model_dump(mode="json"),
+    }
+
+
+def measure_speeds(model: Distiller, loader: BlockShuffleLoader, settings: DistillConfig) -> dict[str, float]:
+    """Samples/s of the loader alone (from the start, with its worker threads) and of the training
+    step alone (forward, backward, AdamW on a copy of the model, one batch already in memory)."""
+    count = max(1, SPEED_SAMPLES // settings.batch_size)
+    clock = time.perf_counter()
+    with closing(iter(loader)) as batches:
+        batch = next(batches)
+        for _ in islice(batches, count - 1):
+            pass
+    loader_rate = count * settings.batch_size / (time.perf_counter() - clock)
+    copied = copy.deepcopy(model)
+    optimizer = make_optimizer(copied, settings)
+    for index in range(SPEED_STEPS + 1):  # the first step warms up
+        if index == 1:
+            clock = time.perf_counter()
+        forward_backward(copied, copied, batch, settings)
+        optimizer_step(copied, optimizer, settings)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"loader": loader_rate, "step": SPEED_STEPS * settings.batch_size / (time.perf_counter() - clock)}

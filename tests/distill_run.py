@@ -1,0 +1,102 @@
+"""A small run directory for the distiller tests: a real tile store cut from real H&E pixels and
+feature stores of synthetic teachers, written with the store module's own functions.
+
+A synthetic teacher is a fixed random two-layer map of the tile's 4 x 4 grid of mean colours: it
+depends on where colours are, so every dihedral view and crop has its own target, and a small ViT
+with 16 px patches can learn it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.config import Config
+from pipeline.stores import StoreConfig, UnitMarkers, create_feature_store, create_tile_store, new_store_id, unit_ranges, write_rows
+from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
+from pipeline.views import apply_view, expand_views
+
+TEACHERS = {"alpha": 40, "beta": 24}  # name -> width of its first recipe
+SLIDE_ROWS = (100, 90, 110, 84)  # rows per slide; the last slide is held out by default
+CHUNK_ROWS, SHARD_ROWS = 8, 32
+READ_FAILED_ROWS = (5, 6, 150, 330)  # blank tiles in train and validation slides
+PADDED_ROWS = (7, 200)  # flagged, but readable: they are trained on
+STUDENT = {"student": "vit_tiny_patch16_224", "student_kwargs": {"img_size": 64, "depth": 2}}
+
+
+def synthetic_teacher(tiles: np.ndarray, seed: int, width: int) -> np.ndarray:
+    """float32 [n, width] from uint8 tiles [n, px, px, 3]."""
+    n, px = tiles.shape[:2]
+    cells = tiles.reshape(n, 4, px // 4, 4, px // 4, 3).mean(axis=(2, 4)).reshape(n, 48) / 255
+    rng = np.random.default_rng(seed)
+    hidden = np.tanh((cells - 0.8) @ rng.normal(size=(48, 64)) * 1.5)
+    return (hidden @ rng.normal(size=(64, width)) / 4 + rng.normal(size=width)).astype(np.float32)
+
+
+def tissue_tiles(he_pixels: np.ndarray, count: int, side: int) -> np.ndarray:
+    """The first `count` cells of a side x side grid over the pixels, skipping nearly white ones."""
+    rows, cols = he_pixels.shape[0] // side, he_pixels.shape[1] // side
+    grid = he_pixels[: rows * side, : cols * side].reshape(rows, side, cols, side, 3).swapaxes(1, 2).reshape(-1, side, side, 3)
+    tissue = grid[grid.mean(axis=(1, 2, 3)) < 225]
+    assert len(tissue) >= count, f"only {len(tissue)} tissue tiles of {side} px"
+    return np.ascontiguousarray(tissue[:count])
+
+
+def make_run(
+    run_dir: Path, he_pixels: np.ndarray, tile_px: int = 64, context_px: int = 0, views: list[str] | None = None,
+    teachers: dict[str, int] = TEACHERS,
+) -> dict:
+    """Write RUN/tiles.zarr and RUN/features/<teacher>.zarr (recipes `cls` and `mean`); return what tests check against."""
+    n_rows, stored_px = sum(SLIDE_ROWS), tile_px + 2 * context_px
+    store = StoreConfig(chunk_rows=CHUNK_ROWS, shard_rows=SHARD_ROWS)
+    tiles = tissue_tiles(he_pixels, n_rows, stored_px)
+    flags = np.zeros(n_rows, np.uint8)
+    flags[list(READ_FAILED_ROWS)] = FLAG_READ_FAILED
+    flags[list(PADDED_ROWS)] = FLAG_PADDED
+    tiles[list(READ_FAILED_ROWS)] = 0
+    starts = np.cumsum((0, *SLIDE_ROWS))
+    slides = [
+        {"id": i, "name": f"slide-{i}", "status": "ok", "rows": [int(s), int(e)]} for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))
+    ]
+    slides.insert(2, {"id": 9, "name": "unreadable", "status": "failed", "rows": [int(starts[2])] * 2})
+    slide_of_row = np.repeat(np.arange(len(SLIDE_ROWS), dtype=np.int32), SLIDE_ROWS)
+    tile_attrs = {
+        "store_id": new_store_id(),
+        "n_rows": n_rows,
+        "tiling": {"target_mpp": 0.5, "tile_px": tile_px, "context_px": context_px, "stored_px": stored_px, "mpp_tolerance": 0.05},
+        "slides": slides,
+    }
+    tile_path = run_dir / "tiles.zarr"
+    create_tile_store(tile_path, n_rows, stored_px, store, tile_attrs)
+    write_rows(tile_path, 0, {
+        "tiles": tiles, "coords": np.zeros((n_rows, 2), np.int64), "slide": slide_of_row,
+        "tissue": np.ones(n_rows, np.float32), "flags": flags,
+    })
+    mark_all(tile_path, tile_attrs["store_id"], n_rows)
+    view_records = expand_views(views or ["identity"], context_px, tile_px)
+    targets = {}
+    for seed, (teacher, width) in enumerate(teachers.items()):
+        per_view = [synthetic_teacher(np.ascontiguousarray(apply_view(tiles, view, tile_px)), seed, width) for view in view_records]
+        targets[teacher] = np.stack(per_view, axis=1).astype(np.float16)
+        spec = {"name": teacher, "input_px": tile_px, "mean": [0.5] * 3, "std": [0.5] * 3, "target_mpp": 0.5, "stand_in": True}
+        path = run_dir / "features" / f"{teacher}.zarr"
+        group = create_feature_store(path, tile_attrs, CHUNK_ROWS, SHARD_ROWS, store, spec, {"cls": width, "mean": 8}, view_records)
+        write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(view_records), 8), np.float16)})
+        mark_all(path, group.attrs["store_id"], n_rows)
+    return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}
+
+
+def mark_all(path: Path, store_id: str, n_rows: int) -> None:
+    for unit, (start, end) in enumerate(unit_ranges(n_rows, SHARD_ROWS)):
+        UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end})
+
+
+def config_for(run_dir: Path, **distill) -> Config:
+    return Config.model_validate({"run": str(run_dir), "distill": {**STUDENT, "head_hidden": 64, "nested_dims": [16, 64, 192], **distill}})
+
+
+def write_config(config: Config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path

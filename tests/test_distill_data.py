@@ -1,0 +1,194 @@
+"""The distiller's data: checks on the stores, the slide split, and the block-shuffle loader, on real
+Zarr stores of real H&E tiles (tests/distill_run.py)."""
+
+from __future__ import annotations
+
+import shutil
+from itertools import islice
+
+import numpy as np
+import pytest
+import zarr
+
+from distill.data import BlockShuffleLoader, DistillData, open_distill_data, target_sample, validation_batches
+from distill.train import build_student
+from distill_run import READ_FAILED_ROWS, SLIDE_ROWS, STUDENT, make_run, synthetic_teacher
+from pipeline.config import ConfigError, DistillConfig
+from pipeline.stores import StoreError, write_rows
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, he_pixels):
+    run_dir = tmp_path_factory.mktemp("data-run")
+    return run_dir, make_run(run_dir, he_pixels)
+
+
+@pytest.fixture(scope="module")
+def data(run) -> DistillData:
+    return open_distill_data(run[0], DistillConfig(**STUDENT))
+
+
+def loader(data: DistillData, workers: int = 2, state: dict | None = None, batch_size: int = 16) -> BlockShuffleLoader:
+    return BlockShuffleLoader(data, data.rows_of(data.split.train), batch_size, pool_chunks=3, workers=workers, seed=7, state=state)
+
+
+def stream(batches, rows: int) -> np.ndarray:
+    """The row ids of the first `rows` rows the batches carry."""
+    collected, total = [], 0
+    for batch in batches:
+        collected.append(batch.rows)
+        total += len(batch)
+        if total >= rows:
+            break
+    return np.concatenate(collected)[:rows]
+
+
+def test_split_holds_out_the_last_slides_and_skips_failed_ones(data):
+    assert [s["name"] for s in data.split.train] == ["slide-0", "slide-1", "slide-2"]
+    assert [s["name"] for s in data.split.val] == ["slide-3"]
+    assert data.split.as_record()["val"] == [{"id": 3, "name": "slide-3", "rows": [300, 384]}]
+    assert data.recipes == {"alpha": "cls", "beta": "cls"} and data.widths == {"alpha": 40, "beta": 24}
+    lazy = data.lazy_targets()["alpha"]
+    assert lazy.chunksize == (8, 1, 40) and lazy.shape == (384, 1, 40)
+    assert data.lazy_tiles().chunksize == (8, 64, 64, 3)
+
+
+def test_an_epoch_visits_every_training_row_once_and_never_a_validation_or_blank_one(data):
+    train = np.flatnonzero(data.rows_of(data.split.train))
+    assert len(train) == sum(SLIDE_ROWS[:3]) - 3  # read-failed rows 5, 6 and 150 are left out
+    assert not set(READ_FAILED_ROWS) & set(train.tolist()) and train.max() < 300
+    first, second = np.split(stream(loader(data), 2 * len(train)), 2)
+    assert np.array_equal(np.sort(first), train) and np.array_equal(np.sort(second), train)
+    assert not np.array_equal(first, second)  # each epoch has its own order
+
+
+def test_batches_mix_slides_and_carry_the_stored_pixels_and_targets(run, data):
+    _, written = run
+    batches = list(islice(loader(data), 10))
+    assert np.mean([len(np.unique(b.slides)) for b in batches]) > 1.5
+    for batch in batches:
+        assert batch.tiles.shape == (16, 64, 64, 3) and batch.tiles.dtype == np.uint8
+        assert np.array_equal(batch.tiles, written["tiles"][batch.rows])
+        assert np.array_equal(batch.slides, written["slide"][batch.rows])
+        for teacher, targets in batch.targets.items():
+            assert np.array_equal(targets, written["targets"][teacher][batch.rows, 0])
+
+
+def test_batches_do_not_depend_on_worker_threads(data):
+    inline, threaded = islice(loader(data, workers=0), 40), islice(loader(data, workers=3), 40)
+    for a, b in zip(inline, threaded, strict=True):
+        assert np.array_equal(a.rows, b.rows) and np.array_equal(a.views, b.views) and np.array_equal(a.tiles, b.tiles)
+
+
+def test_a_loader_built_from_a_saved_state_yields_the_same_next_batches(data):
+    first = loader(data)
+    batches = iter(first)
+    for _ in range(23):  # past the first epoch (297 rows) and into the middle of a pool
+        next(batches)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "position": 23 * 16 - 297}
+    expected = [next(batches) for _ in range(25)]
+    resumed = islice(loader(data, workers=1, state=state), 25)
+    for a, b in zip(expected, resumed, strict=True):
+        assert np.array_equal(a.rows, b.rows) and np.array_equal(a.tiles, b.tiles)
+        assert all(np.array_equal(a.targets[t], b.targets[t]) for t in a.targets)
+
+
+def test_each_sample_shows_the_view_its_targets_were_computed_on(tmp_path, he_pixels):
+    written = make_run(tmp_path, he_pixels, context_px=8, views=["dihedral", "crop:-8,8"])
+    data = open_distill_data(tmp_path, DistillConfig(**STUDENT))
+    assert len(data.views) == 9
+    batches = list(islice(loader(data), 12))
+    views = np.concatenate([b.views for b in batches])
+    assert set(views.tolist()) == set(range(9))
+    for batch in batches:
+        for teacher, seed, width in (("alpha", 0, 40), ("beta", 1, 24)):
+            assert np.array_equal(batch.targets[teacher], written["targets"][teacher][batch.rows, batch.views])
+            # the target of the pixels the student is shown, recomputed from those very pixels
+            recomputed = synthetic_teacher(batch.tiles, seed, width).astype(np.float16)
+            assert np.array_equal(recomputed, batch.targets[teacher])
+    validation = next(validation_batches(data, 16, None))
+    assert (validation.views == 0).all() and validation.rows.min() >= 300
+
+
+def test_validation_reads_held_out_rows_once_and_respects_the_cap(data):
+    every = np.concatenate([b.rows for b in validation_batches(data, 16, None)])
+    assert np.array_equal(every, np.flatnonzero(data.rows_of(data.split.val)))  # row 330 is blank
+    capped = np.concatenate([b.rows for b in validation_batches(data, 16, 40)])
+    assert 30 < len(capped) <= 40 and capped.max() > 370  # evenly spaced chunks reach the end of the slide
+
+
+def test_standardizer_sample_is_seeded_and_from_training_rows(data):
+    sample = target_sample(data, "beta", 50, seed=3)
+    assert sample.shape == (50, 24) and sample.dtype == np.float32
+    assert np.array_equal(sample, target_sample(data, "beta", 50, seed=3))
+
+
+def copy_run(source, destination):
+    shutil.copytree(source, destination)
+    return destination
+
+
+def swap_feature_store(run_dir, teacher, other_run):
+    """Put the other run's store of `teacher` (and its markers) in place of this run's."""
+    for suffix in (".zarr", ".zarr.progress"):
+        shutil.rmtree(run_dir / "features" / f"{teacher}{suffix}")
+        shutil.copytree(other_run / "features" / f"{teacher}{suffix}", run_dir / "features" / f"{teacher}{suffix}")
+
+
+def test_refusals_name_the_input_and_the_fix(run, tmp_path, he_pixels):
+    run_dir, _ = run
+    with pytest.raises(StoreError, match=r"no feature store for teacher 'gamma'.*holds \['alpha', 'beta'\]"):
+        open_distill_data(run_dir, DistillConfig(teachers=["alpha", "gamma"]))
+    with pytest.raises(StoreError, match=r"has no recipe 'pooled'; it holds \['cls', 'mean'\]: fix distill.recipes.beta"):
+        open_distill_data(run_dir, DistillConfig(recipes={"beta": "pooled"}))
+    assert open_distill_data(run_dir, DistillConfig(recipes={"beta": "mean"})).widths == {"alpha": 40, "beta": 8}
+    with pytest.raises(ConfigError, match=r"distill.teacher_weights names \['gamma'\], not among the distilled teachers"):
+        open_distill_data(run_dir, DistillConfig(teacher_weights={"gamma": 2.0}))
+    with pytest.raises(ConfigError, match="leave at least one for training"):
+        open_distill_data(run_dir, DistillConfig(val_slides=4))
+
+    other = tmp_path / "other"
+    make_run(other, he_pixels)
+    mixed = copy_run(run_dir, tmp_path / "mixed")
+    swap_feature_store(mixed, "beta", other)
+    with pytest.raises(StoreError, match="was computed from tile store .* not from this one .* rerun features"):
+        open_distill_data(mixed, DistillConfig())
+
+    unfinished = copy_run(run_dir, tmp_path / "unfinished")
+    next((unfinished / "features" / "alpha.zarr.progress").glob("unit-*.json")).unlink()
+    with pytest.raises(StoreError, match=r"alpha.zarr is unfinished \(1 of 12 units missing\); rerun `features`"):
+        open_distill_data(unfinished, DistillConfig())
+
+    with pytest.raises(ConfigError, match=r"nested dims \[16, 4096\] must be increasing and within 1..D=192"):
+        build_student(DistillConfig(**STUDENT, nested_dims=[16, 4096]), 64)
+    with pytest.raises(ConfigError, match=r"distill.dim_weights names dims \[32\]; the nested dims are \[16, 64, 192\]"):
+        build_student(DistillConfig(**STUDENT, nested_dims=[16, 64, 192], dim_weights={32: 2.0}), 64)
+    with pytest.raises(ConfigError, match="set distill.student_kwargs.img_size: 64"):
+        build_student(DistillConfig(student="vit_tiny_patch16_224", student_kwargs={"depth": 1}), 64)
+
+
+def test_non_finite_targets_are_refused_naming_teacher_and_rows(run, tmp_path):
+    broken = copy_run(run[0], tmp_path / "broken")
+    values = zarr.open_array(str(broken / "features" / "beta.zarr" / "cls"), mode="r")[:]
+    values[[40, 41], 0, 3] = np.nan
+    values[250, 0, 0] = np.inf
+    write_rows(broken / "features" / "beta.zarr", 0, {"cls": values})
+    data = open_distill_data(broken, DistillConfig())
+    with pytest.raises(StoreError, match=r"teacher 'beta' \(recipe 'cls'\) has NaN/Inf targets in rows \[40, 41, 250\].*inspect-store --verify"):
+        target_sample(data, "beta", 10_000, seed=0)
+    with pytest.raises(StoreError, match=r"teacher 'beta' \(recipe 'cls'\) has NaN/Inf targets in rows \[(40, 41|250)\]"):
+        for _ in loader(data):
+            pass
+
+
+def test_feature_stores_on_different_views_are_refused(tmp_path, he_pixels):
+    identity, flipped = tmp_path / "identity", tmp_path / "flipped"
+    make_run(identity, he_pixels)
+    make_run(flipped, he_pixels, views=["flip"])
+    swap_feature_store(identity, "beta", flipped)
+    # the copied store belongs to the other tile store: point it at this one, as if computed here
+    group = zarr.open_group(str(identity / "features" / "beta.zarr"), mode="r+")
+    group.attrs["tile_store_id"] = zarr.open_group(str(identity / "tiles.zarr"), mode="r").attrs["store_id"]
+    with pytest.raises(StoreError, match=r"teachers 'alpha' and 'beta' were computed on different views"):
+        open_distill_data(identity, DistillConfig())

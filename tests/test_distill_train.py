@@ -1,0 +1,188 @@
+"""Distillation end to end on real Zarr stores of real H&E tiles and learnable synthetic teachers: it
+learns, records, exports and embeds; a run killed with SIGKILL resumes to bitwise the same weights;
+two DDP processes train what one process trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import zarr
+
+from distill import load_student
+from distill.embed import embed_tile_store
+from distill.train import learning_rate, run_distill
+from distill_run import config_for, make_run, write_config
+from pipeline.config import DistillConfig
+from pipeline.report import read_report
+from pipeline.stores import StoreError, open_feature_store, open_store
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = """
+import sys
+import torch
+torch.set_num_threads(1)
+from distill.train import run_distill
+from pipeline.config import load_config
+run_distill(load_config(sys.argv[1]), resume=sys.argv[2:] == ["resume"])
+"""
+TRAINING = dict(steps=60, batch_size=16, lr=2e-3, warmup_steps=10, eval_every=20, checkpoint_every=20, loader_workers=2, pool_chunks=4)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch, so runs in this process and in subprocesses do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, he_pixels):
+    """One uninterrupted bf16 run of TRAINING, in this process."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    make_run(run_dir, he_pixels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    summary = run_distill(config_for(run_dir, **TRAINING))
+    torch.set_num_threads(threads)
+    return run_dir, summary
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "student" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(path)
+
+
+def runner(tmp_path: Path) -> Path:
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    return script
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_training_lowers_the_loss_and_raises_validation_cosine(trained):
+    run_dir, summary = trained
+    evals = records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [0, 20, 40, 60] and evals[0]["rows"] == 83
+    for teacher in ("alpha", "beta"):
+        for m in ("16", "64", "192"):
+            before, after = evals[0]["val"][teacher][m], evals[-1]["val"][teacher][m]
+            assert after["cos"] > 0.45 and after["cos"] > before["cos"] + 0.3
+            assert after["r2"] > 0.1 > before["r2"]
+    losses = [r["loss"] for r in records(run_dir, "train")]
+    assert len(losses) == 60 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert summary["final_val"] == evals[-1]["val"] and summary["rows"] == {"train": 297, "val": 83}
+
+
+def test_the_run_records_split_plots_report_and_stage(trained):
+    run_dir, summary = trained
+    student_dir = run_dir / "student"
+    split = json.loads((student_dir / "split.json").read_text())
+    assert [s["name"] for s in split["val"]] == ["slide-3"] and records(run_dir, "split")[0]["val"] == split["val"]
+    train = records(run_dir, "train")[-1]
+    assert set(train) == {"kind", "step", "loss", "lr", "samples_per_s", "loss_by_dim"}
+    assert set(train["loss_by_dim"]["beta"]) == {"16", "64", "192"}
+    for plot in ("loss.png", "val_cosine.png"):
+        assert (student_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    report = (student_dir / "report.md").read_text()
+    assert "| alpha | 0." in report and "loader alone" in report and "slide-3" in report
+    stage = read_report(run_dir)[-1]
+    assert stage["stage"] == "distill" and stage["steps"] == 60 and stage["loader_samples_per_second"] > 0
+    assert summary["speed"]["step"] > 0 and summary["speed"]["loader"] > 0
+    assert sorted(p.name for p in (student_dir / "checkpoints").iterdir()) == ["step-00000040.pt", "step-00000060.pt"]
+    checkpoint = torch.load(student_dir / "checkpoints" / "step-00000060.pt", weights_only=True)
+    assert checkpoint["step"] == 60 and checkpoint["loader"] == {"epoch": 3, "position": 60 * 16 - 3 * 297}
+
+
+def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
+    run_dir, _ = trained
+    student = load_student(run_dir / "student")
+    record = json.loads((run_dir / "student" / "student.json").read_text())
+    assert record["input_px"] == 64 and record["target_mpp"] == 0.5 and record["nested_dims"] == [16, 64, 192]
+    assert record["mean"] == [0.5, 0.5, 0.5] and set(record["distilled_from"]) == {"alpha", "beta"}
+
+    out = tmp_path / "student-embeddings.zarr"
+    embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
+    tiles = open_store(run_dir / "tiles.zarr")
+    store = open_feature_store(out, tiles)
+    assert store.attrs["recipes"] == {"embedding": 64} and store.attrs["views"] == [{"name": "identity"}]
+    assert store.attrs["teacher"]["stand_in"] is False and store.attrs["teacher"]["student"]["arch"] == "vit_tiny_patch16_224"
+    embeddings = zarr.open_array(str(out / "embedding"), mode="r")
+    assert embeddings.shape == (384, 1, 64) and embeddings.dtype == np.float16 and embeddings.chunks[0] == 8
+    rows = tiles["tiles"][40:48]
+    pixels = (torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = student.embed(pixels, dim=64).numpy()
+    assert np.allclose(embeddings[40:48, 0].astype(np.float32), expected, atol=2e-2, rtol=1e-2)
+    with pytest.raises(StoreError, match="already exists"):
+        embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
+    with pytest.raises(ValueError, match=r"choose 1..192"):
+        embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", tmp_path / "other.zarr", dim=400)
+
+
+def test_a_killed_run_resumes_to_bitwise_identical_weights(trained, tmp_path, he_pixels, one_thread):
+    reference, _ = trained
+    run_dir = tmp_path / "run"
+    make_run(run_dir, he_pixels)
+    config = config_for(run_dir, **TRAINING)
+    config_file = write_config(config, tmp_path / "config.yaml")
+    process = subprocess.Popen([sys.executable, str(runner(tmp_path)), str(config_file)], cwd=REPO, env=subprocess_env())
+    checkpoints = run_dir / "student" / "checkpoints"
+    while not list(checkpoints.glob("step-*.pt")) and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "student" / "student.json").exists()
+
+    with pytest.raises(StoreError, match="holds checkpoints of an earlier run: resume it"):
+        run_distill(config)
+    run_distill(config, resume=True)
+
+    for name in ("student.safetensors", "heads.safetensors"):
+        expected, resumed = tensors(reference / "student" / name), tensors(run_dir / "student" / name)
+        assert expected.keys() == resumed.keys()
+        assert all(torch.equal(expected[key], resumed[key]) for key in expected), name
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 61))
+    assert [r["step"] for r in records(run_dir, "eval")] == [0, 20, 40, 60]
+    assert read_report(run_dir)[-1]["resumed_from"] in (20, 40)
+
+
+def test_two_ddp_processes_train_what_one_process_trains(tmp_path, he_pixels, one_thread):
+    settings = dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, precision="fp32", eval_every=100, checkpoint_every=100)
+    single, double = tmp_path / "single", tmp_path / "double"
+    make_run(single, he_pixels)
+    make_run(double, he_pixels)
+    run_distill(config_for(single, **settings))
+    config_file = write_config(config_for(double, **settings), tmp_path / "config.yaml")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner(tmp_path)), str(config_file)],
+        cwd=REPO, env=subprocess_env(), check=True,
+    )
+    one, two = tensors(single / "student" / "student.safetensors"), tensors(double / "student" / "student.safetensors")
+    assert max((one[key] - two[key]).abs().max().item() for key in one) < 1e-4
+    assert len(records(double, "train")) == 4 and [r["stage"] for r in read_report(double)] == ["distill"]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_on_a_cosine():
+    settings = DistillConfig(lr=1.0, warmup_steps=4, steps=14)
+    assert [learning_rate(step, settings) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(9, settings) == pytest.approx(0.5)
+    assert learning_rate(14, settings) == pytest.approx(0.0)
