@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import features, inference, memory, stores, tiling
+from bench import features, inference, loader, memory, stores, tiling
 from bench.common import RESULTS, write_results
-from pipeline.config import Config, FeaturesConfig, RayConfig
+from pipeline.config import Config, FeaturesConfig, RayConfig, load_config
 from pipeline.demo_data import make_demo_slides
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -27,12 +27,14 @@ def main() -> None:
     rows = tiling.measure(tiled_slides, work, args.quick)
     tiled_run = Config(
         run=work / f"tiles-{tiled_slides[0].stem}-2", slides=[tiled_slides[0]], ray=RayConfig(num_cpus=2),
-        features=FeaturesConfig(actors=1),
+        features=FeaturesConfig(actors=1), distill=load_config().distill,
     )
-    rows += features.measure(tiled_run, args.quick)
+    bare = features.bare_rates(tiled_run)
+    rows += features.measure(tiled_run, bare)
+    rows += loader.measure(tiled_run, work, args.quick, bare)
     rows += stores.measure(tiled_run.run, args.quick)
     rows += inference.measure(args.quick)
-    stages = ["tiles", "features"]
+    stages = ["tiles", "features", "distill"]
     rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_odd_mpp.tiff"], work, stages, args.out / "plots")
     write_results(rows, args.out)
 

@@ -24,17 +24,21 @@ def bare_forward_tiles_per_second(name: str, tiles: torch.Tensor, batch_size: in
     return len(tiles) / timed(lambda: [teacher.forward(batch) for batch in batches], repeat=2)
 
 
-def measure(tiled: Config, quick: bool) -> list[Row]:
-    """``tiled`` is a config whose run directory already holds a finished tile store."""
+def bare_rates(tiled: Config) -> dict[str, float]:
+    """Bare forward tiles/s of each teacher on the run's tiles (``tiled`` holds a finished tile store)."""
+    settings = tiled.features
+    tiles = torch.from_numpy(zarr.open_group(str(tiled.run / "tiles.zarr"), mode="r")["tiles"][:])
+    return {name: bare_forward_tiles_per_second(name, tiles, settings.batch_size, settings.threads_per_actor) for name in settings.teachers}
+
+
+def measure(tiled: Config, bare: dict[str, float]) -> list[Row]:
     settings = tiled.features
     teachers = settings.teachers
-    tiles = torch.from_numpy(zarr.open_group(str(tiled.run / "tiles.zarr"), mode="r")["tiles"][:])
-    bare = {name: bare_forward_tiles_per_second(name, tiles, settings.batch_size, settings.threads_per_actor) for name in teachers}
     bare_all = 1 / sum(1 / rate for rate in bare.values())  # one tile through every teacher
     one_pass = run_features(tiled, overwrite=True)
     pipeline = one_pass.rows_done / one_pass.units_seconds
     separate_seconds = sum(run_features(tiled, [name], overwrite=True).units_seconds for name in teachers)
-    rows = [Row(FIGURE, f"bare forward, {name}", rate, "tiles/s", note=f"batch {settings.batch_size}, {settings.threads_per_actor} threads, {len(tiles)} tiles") for name, rate in bare.items()]
+    rows = [Row(FIGURE, f"bare forward, {name}", rate, "tiles/s", note=f"batch {settings.batch_size}, {settings.threads_per_actor} threads") for name, rate in bare.items()]
     rows += [
         Row(FIGURE, f"pipeline, {len(teachers)} teachers in one pass", pipeline, "tiles/s", f"bare forward of all teachers ({bare_all:.1f} tiles/s)", pipeline / bare_all, ">= 0.9", "read + transform + forward + write, on Ray"),
         Row(FIGURE, f"{len(teachers)} separate passes vs one pass", separate_seconds, "s", f"one pass ({one_pass.units_seconds:.1f} s)", separate_seconds / one_pass.units_seconds, "", "> 1: one pass saves the repeated reads"),

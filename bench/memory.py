@@ -5,6 +5,7 @@ Stages stream, so the peak should stay flat."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def measure(slide: Path, work: Path, stages: list[str], plot_dir: Path) -> list[
             "features": {"actors": 1}, "distill": {"steps": 20, "eval_every": 10, "checkpoint_every": 20},
         }))
         for stage in stages:
+            shutil.rmtree(work / f"memory-{mpp}" / "student", ignore_errors=True)  # distill starts afresh
             flags = ["--overwrite"] if stage in ("tiles", "features") else []
             peaks[stage][mpp] = peak_rss_mib([sys.executable, str(CLI), stage, "--config", str(config), *flags])
     rows_of = {mpp: json.loads((work / f"memory-{mpp}" / "report.json").read_text())["stages"][0]["rows"] for mpp in (1.0, 0.5)}
