@@ -27,14 +27,15 @@ def main() -> None:
     rows = tiling.measure(tiled_slides, work, args.quick)
     tiled_run = Config(
         run=work / f"tiles-{tiled_slides[0].stem}-2", slides=[tiled_slides[0]], ray=RayConfig(num_cpus=2),
-        features=FeaturesConfig(actors=1), distill=load_config().distill,
+        features=FeaturesConfig(actors=1), distill=load_config().distill.model_copy(update={"val_slides": 0}),  # one slide: no held-out one
     )
     bare = features.bare_rates(tiled_run)
     rows += features.measure(tiled_run, bare)
-    rows += loader.measure(tiled_run, work, args.quick, bare)
+    inference_rows, real_teachers = inference.measure(args.quick)
+    rows += loader.measure(tiled_run, work, args.quick, bare, real_teachers)
     rows += stores.measure(tiled_run.run, args.quick)
-    rows += inference.measure(args.quick)
-    stages = ["tiles", "features", "distill"]
+    rows += inference_rows
+    stages = ["tiles"] if args.quick else ["tiles", "features", "distill"]
     rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_odd_mpp.tiff"], work, stages, args.out / "plots")
     write_results(rows, args.out)
 

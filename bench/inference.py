@@ -37,7 +37,8 @@ def tiles_per_second(module: torch.nn.Module, batch: torch.Tensor, repeat: int) 
     return len(batch) / timed(forward, repeat=repeat)
 
 
-def measure(quick: bool) -> list[Row]:
+def measure(quick: bool) -> tuple[list[Row], dict[str, float]]:
+    """The rows, and each real teacher architecture's tiles/s (figure 4 prices online distillation with them)."""
     batch = torch.randn(2 if quick else 8, 3, 224, 224)
     teachers = ["uni"] if quick else ["uni", "virchow2", "h-optimus-1"]
     repeat = 1 if quick else 2
@@ -61,4 +62,4 @@ def measure(quick: bool) -> list[Row]:
             FIGURE, f"student {label}", rate, "tiles/s", f"teacher {slowest}", rate / teacher_rate[slowest],
             note=f"{params / 1e6:.0f}M params; fp16 bytes per embedding at width " + ", ".join(f"{m}: {2 * m}" for m in widths),
         ))
-    return rows
+    return rows, teacher_rate

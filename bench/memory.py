@@ -45,7 +45,7 @@ def measure(slide: Path, work: Path, stages: list[str], plot_dir: Path) -> list[
         config = work / f"memory-{mpp}.json"
         config.write_text(json.dumps({
             "run": str(work / f"memory-{mpp}"), "slides": [str(slide)], "tiling": {"target_mpp": mpp}, "ray": {"num_cpus": 2},
-            "features": {"actors": 1}, "distill": {"steps": 20, "eval_every": 10, "checkpoint_every": 20},
+            "features": {"actors": 1}, "distill": {"steps": 20, "eval_every": 10, "checkpoint_every": 20, "val_slides": 0},
         }))
         for stage in stages:
             shutil.rmtree(work / f"memory-{mpp}" / "student", ignore_errors=True)  # distill starts afresh
