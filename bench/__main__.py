@@ -36,7 +36,7 @@ def main() -> None:
     rows += stores.measure(tiled_run.run, args.quick)
     rows += inference_rows
     stages = ["tiles"] if args.quick else ["tiles", "features", "distill"]
-    rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_odd_mpp.tiff"], work, stages, args.out / "plots")
+    rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_large.tiff"], work, stages, args.out / "plots")
     write_results(rows, args.out)
 
 

@@ -1,6 +1,6 @@
 """Figure 7: peak memory (RSS of the command and every process it starts, Ray's included) of each stage
-as the number of tiles grows 4x. The same slide tiled at 1.0 and at 0.5 um/px gives exactly 4x the tiles.
-Stages stream, so the peak should stay flat."""
+as the number of tiles grows about 4x: the same slide tiled at 1.0 and at 0.5 um/px (4x the grid; the
+tissue filter and the edges move the count a little). Stages stream, so the peak should stay flat."""
 
 from __future__ import annotations
 

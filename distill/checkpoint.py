@@ -7,12 +7,13 @@ moment leaves the previous checkpoint intact, and only the newest KEEP are kept.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.files import atomic_path
 
 KEEP = 2
 PATTERN = "step-*.pt"
@@ -21,9 +22,8 @@ PATTERN = "step-*.pt"
 def save_checkpoint(directory: Path, step: int, state: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    temporary = directory / f".{path.name}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
     for old in sorted(directory.glob(PATTERN))[:-KEEP]:
         old.unlink()
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import Tensor
 from distill.data import student_pixels
 from distill.export import load_student, read_student_json
 from distill.labelled import EvaluateError, ImageSource, StoreTiles
+from pipeline.files import atomic_path
 from pipeline.progress import progress_bar
 from pipeline.stores import FEATURES_SCHEMA, StoreError, open_store
 from pipeline.teachers import TEACHERS, UnknownTeacherError, build_teacher, get_teacher
@@ -167,10 +167,8 @@ def cached_embeddings(model: Embedder, images: ImageSource, cache_dir: Path, bat
                 outputs.setdefault(output, []).append(values.float().numpy())
             progress.update(task, advance=len(items), rate=f"{(first + len(items)) / (time.perf_counter() - started):.0f} img/s")
     result = Embeddings({output: np.concatenate(parts) for output, parts in outputs.items()}, seen_mpp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(temporary, seen_mpp=seen_mpp, **{f"output:{output}": values for output, values in result.outputs.items()})
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:  # a handle: np.savez adds no suffix
+        np.savez(handle, seen_mpp=seen_mpp, **{f"output:{output}": values for output, values in result.outputs.items()})
     return result
 
 

@@ -16,7 +16,6 @@ RUN/evaluate/
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -30,6 +29,7 @@ from distill.labelled import EvaluateError, LabelledSet, StoreTiles, open_labell
 from distill.probes import ProbeData, retrieval_accuracy, run_probes
 from distill.robustness import PairSet, paired_folder, proxy_pairs, robustness
 from pipeline.config import Config, EvaluateConfig
+from pipeline.files import write_text_atomically
 from pipeline.progress import results, table
 from pipeline.report import append_stage_record
 from pipeline.stores import now
@@ -90,8 +90,8 @@ def run_evaluate(config: Config) -> dict:
         "fidelity": fidelity(run_dir, student_dir, settings.fidelity_rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_dir / "evaluate.json", json.dumps(result, indent=2) + "\n")
-    _write_atomically(out_dir / "evaluate.md", write_markdown(result))
+    write_text_atomically(out_dir / "evaluate.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out_dir / "evaluate.md", write_markdown(result))
     plots = write_plots(result, out_dir / "plots")
     append_stage_record(run_dir, {
         "stage": "evaluate",
@@ -141,9 +141,3 @@ def _robustness(name: str, widths: dict[str, list[int]], pairs: PairSet, embeddi
         for output, dims in widths.items()
         for dim in dims
     ]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

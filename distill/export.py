@@ -14,8 +14,7 @@ RUN/student/
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from distill.standardize import Standardizer
 from distill.student import NestedHeads, Student
+from pipeline.files import atomic_path, write_text_atomically
 
 SCHEMA = "pathdistill.student/1"
 REQUIRED_META = ("input_px", "target_mpp", "mean", "std")
@@ -63,7 +63,7 @@ def export_student(
     head_state = nn.ModuleDict({"heads": heads, "standardizers": nn.ModuleDict(standardizers)}).state_dict()
     _save_tensors(head_state, out_dir / "heads.safetensors")
     json_path = out_dir / "student.json"
-    _replace_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    write_text_atomically(json_path, json.dumps(record, indent=2) + "\n")
     return json_path
 
 
@@ -103,11 +103,5 @@ def _under(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def _save_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
     contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    _replace_atomically(path, lambda tmp: safetensors.torch.save_file(contiguous, tmp, metadata={"format": "pt"}))
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file, so a crash never leaves a half-written export behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        safetensors.torch.save_file(contiguous, temporary, metadata={"format": "pt"})

