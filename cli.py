@@ -99,6 +99,7 @@ def distill(
     as_json: JsonOption = False,
 ) -> None:
     """Tile + feature stores -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
+    from distill.metrics import print_summary
     from distill.train import run_distill
 
     try:
@@ -106,8 +107,12 @@ def distill(
         summary = run_distill(settings, resume=resume)
     except (ConfigError, StoreError, FileNotFoundError) as error:
         fail(error)
-    if summary and as_json:
+    if not summary:  # ranks other than 0 under torchrun
+        return
+    if as_json:
         print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary(summary)
 
 
 @app.command()

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from pipeline.files import write_text_atomically  # noqa: E402
+from pipeline.progress import results, table  # noqa: E402
 
 
 class MetricsLog:
@@ -121,3 +122,19 @@ def write_report(path: Path, summary: dict) -> None:
 
 def _cell(scores: dict[str, float]) -> str:
     return f"{scores['cos']:.3f} / {scores['r2']:.3f}"
+
+
+def print_summary(summary: dict) -> None:
+    """The final validation table and the speeds, on the terminal; report.md has the rest."""
+    final, speed = summary["final_val"], summary["speed"]
+    if final:
+        dims = list(next(iter(final.values())))
+        results.print(table(
+            f"{summary['student_dir']}: held-out validation, cosine / R^2 per nested dim",
+            ["teacher", *(f"m={m}" for m in dims)],
+            [[teacher, *(_cell(by_dim[m]) for m in dims)] for teacher, by_dim in final.items()],
+        ))
+    results.print(
+        f"{summary['steps']} steps in {summary['wall_seconds']:.0f} s; samples/s: loader {speed['loader']:.0f}, "
+        f"step {speed['step']:.1f}, training {speed['training']:.1f}; report: {summary['student_dir']}/report.md"
+    )

@@ -41,10 +41,12 @@ from distill.metrics import MetricsLog, plot_metrics, write_report
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
 from pipeline.config import Config, ConfigError, DistillConfig
+from pipeline.files import write_text_atomically
 from pipeline.progress import console, progress_bar
 from pipeline.report import append_stage_record
 from pipeline.stores import StoreError, now
 
+SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
 SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the report
 
@@ -132,6 +134,11 @@ def run_distill(config: Config, resume: bool = False) -> dict:
     checkpoint = load_checkpoint(found) if found else None
     if checkpoint and checkpoint["data"] != data_identity(data):
         raise StoreError(f"{found} was trained on other data ({checkpoint['data']}); move {out_dir} away to start over")
+    if checkpoint and checkpoint["step"] >= settings.steps and (out_dir / SUMMARY).is_file():
+        world.close()  # resuming a finished run is a no-op: its export, plots and report stay as they were
+        if world.is_main:
+            console.print(f"{out_dir} already finished its {settings.steps} steps; nothing to do")
+        return json.loads((out_dir / SUMMARY).read_text()) if world.is_main else {}
 
     seed_everything(settings.seed)
     student = build_student(settings, data.tile_px)
@@ -237,6 +244,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
         "wall_seconds": time.perf_counter() - started,
     }
     write_report(out_dir / "report.md", summary)
+    write_text_atomically(out_dir / SUMMARY, json.dumps(summary, indent=2, default=str))
     append_stage_record(run_dir, {
         "stage": "distill",
         "finished": now(),

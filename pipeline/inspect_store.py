@@ -102,34 +102,38 @@ def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
 def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
     """Read every chunk: missing chunks, checksum failures, non-finite values and flagged tiles."""
     report: dict = {"missing_chunks": [], "corrupt_chunks": [], "non_finite": {}, "ok": True}
+    if "flags" in arrays:
+        report.update(read_failed_tiles=0, padded_tiles=0)
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=sum(a.nchunks for a in arrays.values()), rate="")
         for name, array in arrays.items():
-            stored = set(_stored_chunk_starts(array))
+            object_rows = (array.shards or array.chunks)[0]  # rows per stored object: a shard, or an unsharded chunk
+            stored = set(_stored_object_starts(array))
             step = array.chunks[0]
             non_finite = 0
             for start in range(0, n_rows, step):
                 progress.advance(task)
-                if start // (array.shards or array.chunks)[0] * (array.shards or array.chunks)[0] not in stored:
-                    report["missing_chunks"].append({"array": name, "rows": [start, min(n_rows, start + step)]})
+                rows = [start, min(n_rows, start + step)]
+                if start - start % object_rows not in stored:
+                    report["missing_chunks"].append({"array": name, "rows": rows})
                     continue
                 try:
                     block = array[start : start + step]
                 except Exception as error:  # noqa: BLE001 - a checksum or codec failure names the chunk
-                    report["corrupt_chunks"].append({"array": name, "rows": [start, min(n_rows, start + step)], "error": str(error)})
+                    report["corrupt_chunks"].append({"array": name, "rows": rows, "error": str(error)})
                     continue
                 if np.issubdtype(block.dtype, np.floating):
                     non_finite += int(np.count_nonzero(~np.isfinite(block)))
                 if name == "flags":
-                    report["read_failed_tiles"] = report.get("read_failed_tiles", 0) + int(np.count_nonzero(block & FLAG_READ_FAILED))
-                    report["padded_tiles"] = report.get("padded_tiles", 0) + int(np.count_nonzero(block & FLAG_PADDED))
+                    report["read_failed_tiles"] += int(np.count_nonzero(block & FLAG_READ_FAILED))
+                    report["padded_tiles"] += int(np.count_nonzero(block & FLAG_PADDED))
             if np.issubdtype(array.dtype, np.floating):
                 report["non_finite"][name] = non_finite
     report["ok"] = not report["missing_chunks"] and not report["corrupt_chunks"] and not any(report["non_finite"].values())
     return report
 
 
-def _stored_chunk_starts(array: zarr.Array) -> list[int]:
+def _stored_object_starts(array: zarr.Array) -> list[int]:
     """First rows of the stored objects (shards, or chunks when unsharded) found on disk."""
     rows = (array.shards or array.chunks)[0]
     directory = Path(array.store_path.store.root) / array.path / "c"
