@@ -10,6 +10,7 @@ Floors and baselines, all on the same rows of the same run:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -76,7 +77,9 @@ def measure(tiled: Config, work: Path, quick: bool, demo_teacher_rates: dict[str
     with h5py.File(h5_path, "r") as handle:
         datasets = [handle["imgs"], *(handle[f"features_{i}"] for i in range(len(targets)))]
         hdf5_per_sample = per_sample_rate(lambda row: [d[row] for d in datasets], random_rows[random_rows < samples])
-    summary = run_distill(tiled.model_copy(update={"distill": settings.model_copy(update={"steps": 10 if quick else 40, "eval_every": 1000, "checkpoint_every": 1000})}), resume=True)
+    shutil.rmtree(tiled.run / "student", ignore_errors=True)  # a fresh student: the tile store may be new too
+    short = settings.model_copy(update={"steps": 10 if quick else 40, "eval_every": 1000, "checkpoint_every": 1000})
+    summary = run_distill(tiled.model_copy(update={"distill": short}))
     speed = summary["speed"]
     rows = [
         Row(FIGURE_LOADER, "block-shuffle loader (tiles + targets)", loader, "samples/s", f"decompression floor ({floor:,.0f}/s)", loader / floor, ">= 0.8"),

@@ -39,6 +39,11 @@ def peak_rss_mib(command: list[str]) -> float:
     return peak / 2**20
 
 
+def tiles_rows(run_dir: Path) -> int:
+    """Rows of the run's newest tile store (report.json keeps every earlier run too)."""
+    return [s for s in json.loads((run_dir / "report.json").read_text())["stages"] if s["stage"] == "tiles"][-1]["rows"]
+
+
 def measure(slide: Path, work: Path, stages: list[str], plot_dir: Path) -> list[Row]:
     peaks: dict[str, dict[int, float]] = {stage: {} for stage in stages}
     for mpp in (1.0, 0.5):
@@ -51,7 +56,7 @@ def measure(slide: Path, work: Path, stages: list[str], plot_dir: Path) -> list[
             shutil.rmtree(work / f"memory-{mpp}" / "student", ignore_errors=True)  # distill starts afresh
             flags = ["--overwrite"] if stage in ("tiles", "features") else []
             peaks[stage][mpp] = peak_rss_mib([sys.executable, str(CLI), stage, "--config", str(config), *flags])
-    rows_of = {mpp: json.loads((work / f"memory-{mpp}" / "report.json").read_text())["stages"][0]["rows"] for mpp in (1.0, 0.5)}
+    rows_of = {mpp: tiles_rows(work / f"memory-{mpp}") for mpp in (1.0, 0.5)}
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for stage, by_mpp in peaks.items():
         axes.plot([rows_of[1.0], rows_of[0.5]], [by_mpp[1.0], by_mpp[0.5]], marker="o", label=stage)
