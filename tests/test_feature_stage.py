@@ -15,7 +15,7 @@ import torch
 import zarr
 from safetensors.torch import save_file
 
-from pipeline.config import Config, FeaturesConfig, RayConfig, StoreConfig, TilingConfig, TissueConfig
+from pipeline.config import Config
 from pipeline.feature_stage import run_features
 from pipeline.stores import StoreError
 from pipeline.teachers import UnknownTeacherError, build_teacher
