@@ -20,7 +20,7 @@ import ray
 
 from pipeline.config import Config, ConfigError, FeaturesConfig
 from pipeline.progress import progress_bar, results, table
-from pipeline.ray_runtime import ray_session
+from pipeline.ray_runtime import completed, ray_session
 from pipeline.report import append_stage_record
 from pipeline.stores import (
     TILES_SCHEMA, StoreError, UnitMarkers, create_feature_store, now, open_feature_store,
@@ -173,21 +173,21 @@ def _run_pool(pool: list[str], tiles, tile_path: Path, units, views, config: Con
     queue = [(unit, {n: store_ids[n] for n in pool if unit in missing[n]}) for unit in range(len(units))]
     queue = [(unit, ids) for unit, ids in queue if ids]
     summary.units_run += sum(len(ids) for _, ids in queue)
-    pending: dict = {}
-    busy = {worker: 0 for worker in workers}
+    pending: dict = {}  # ref -> the worker running it
+
+    def feed_workers() -> None:
+        for worker in workers:
+            while queue and list(pending.values()).count(worker) < 2:  # one running, one waiting: no idle actor
+                unit, ids = queue.pop(0)
+                pending[worker.run_unit.remote(unit, *units[unit], ids)] = worker
+
     started = time.perf_counter()
     with progress_bar() as progress:
         remaining = sum(units[unit][1] - units[unit][0] for unit, _ in queue)
         task = progress.add_task(f"features {'+'.join(pool)}", total=summary.n_rows, completed=summary.n_rows - remaining, rate="")
-        while queue or pending:
-            for worker in workers:
-                while queue and busy[worker] < 2:  # one running, one waiting: the actor never idles
-                    unit, ids = queue.pop(0)
-                    pending[worker.run_unit.remote(unit, *units[unit], ids)] = worker
-                    busy[worker] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            busy[pending.pop(ready[0])] -= 1
-            stats = ray.get(ready[0])
+        feed_workers()
+        for _, stats in completed(pending):
+            feed_workers()
             summary.rows_done += stats["rows"]
             for key, seconds in stats["timings"].items():
                 summary.timings[key] += seconds

@@ -5,10 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
 from pipeline.config import RayConfig
+
+
+def completed(pending: dict) -> Iterator[tuple[Any, Any]]:
+    """(what each ref was filed under, its result), in finishing order. The caller may add refs to
+    ``pending`` between results: they are waited for too."""
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(ready[0]), ray.get(ready[0])
 
 
 @contextmanager

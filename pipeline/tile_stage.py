@@ -20,7 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
 from pipeline.progress import progress_bar, results, table
-from pipeline.ray_runtime import ray_session
+from pipeline.ray_runtime import completed, ray_session
 from pipeline.report import append_stage_record
 from pipeline.slides import SlideReader, discover_slides
 from pipeline.stores import (
@@ -109,9 +109,8 @@ def _plan_all(sources, config: Config, qc_dir: Path) -> list[SlidePlan]:
     plans: list[SlidePlan | None] = [None] * len(sources)
     with progress_bar() as progress:
         task = progress.add_task("planning slides", total=len(sources), rate="")
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            plans[pending.pop(ready[0])] = ray.get(ready[0])
+        for index, plan in completed(pending):
+            plans[index] = plan
             progress.advance(task)
     return plans  # type: ignore[return-value]
 
@@ -186,10 +185,7 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
     unit_started = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(ready[0])
-            stats = ray.get(ready[0])
+        for _, stats in completed(pending):
             summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
             summary.units_seconds = time.perf_counter() - unit_started
