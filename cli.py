@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import ConfigError, load_config
-from pipeline.progress import console
+from pipeline.console import console
 from pipeline.stores import StoreError
 from pipeline.submit import KubernetesStage, RayStage, SubmitError
 
@@ -29,7 +29,7 @@ def fail(error: Exception) -> None:
 @app.command("demo-data")
 def demo_data(dest: Annotated[Path, typer.Option(help="where to put the demo slides")] = Path("data/demo")) -> None:
     """Put the embedded demo slides under data/demo/ (a real H&E SVS and generated pyramidal TIFFs)."""
-    from pipeline.demo_data import make_demo_slides
+    from pipeline.demo.slides import make_demo_slides
 
     for path in make_demo_slides(dest):
         console.print(str(path))
@@ -48,7 +48,7 @@ def tiles(
     as_json: JsonOption = False,
 ) -> None:
     """Slides -> RUN/tiles.zarr (resumable: a rerun does only the missing units)."""
-    from pipeline.tile_stage import print_summary, run_tiles
+    from pipeline.tiles.stage import print_summary, run_tiles
 
     try:
         settings = load_config(config, {
@@ -76,7 +76,7 @@ def features(
     as_json: JsonOption = False,
 ) -> None:
     """RUN/tiles.zarr + teachers -> RUN/features/<teacher>.zarr (every teacher reads each tile once; resumable)."""
-    from pipeline.feature_stage import print_summary, run_features
+    from pipeline.features.stage import print_summary, run_features
     from pipeline.teachers import UnknownTeacherError
 
     try:
@@ -99,7 +99,7 @@ def distill(
     as_json: JsonOption = False,
 ) -> None:
     """Tile + feature stores -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
-    from distill.metrics import print_summary
+    from distill.train_log import print_summary
     from distill.train import run_distill
 
     try:
@@ -139,7 +139,7 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
-    from distill.evaluate import EvaluateError, print_summary, run_evaluate
+    from distill.evaluate.run import EvaluateError, print_summary, run_evaluate
     from pipeline.teachers import TeacherWeightsError
 
     try:
@@ -156,7 +156,7 @@ def evaluate(
 @app.command("teachers")
 def list_teachers(as_json: JsonOption = False) -> None:
     """The teacher registry: name, parameters, embedding widths, recipes, mpp, source."""
-    from pipeline.progress import results, table
+    from pipeline.console import results, table
     from pipeline.teachers import describe_teachers
 
     entries = describe_teachers()

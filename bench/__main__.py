@@ -11,7 +11,7 @@ from pathlib import Path
 from bench import features, inference, loader, memory, stores, tiling
 from bench.common import RESULTS, write_results
 from pipeline.config import Config, FeaturesConfig, RayConfig, load_config
-from pipeline.demo_data import make_demo_slides
+from pipeline.demo.slides import make_demo_slides
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 

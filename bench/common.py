@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.progress import results, table
+from pipeline.console import results, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

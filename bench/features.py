@@ -7,7 +7,7 @@ import zarr
 
 from bench.common import Row, timed
 from pipeline.config import Config
-from pipeline.feature_stage import run_features
+from pipeline.features.stage import run_features
 from pipeline.teachers import build_teacher
 
 FIGURE = "2 features"

@@ -13,9 +13,9 @@ from PIL import Image
 from bench.common import Row, timed
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.geometry import ReadPlan
-from pipeline.slides import SlideReader, SlideSource
-from pipeline.tile_stage import run_tiles
-from pipeline.tiling import plan_slide, read_tiles
+from pipeline.tiles.slides import SlideReader, SlideSource
+from pipeline.tiles.stage import run_tiles
+from pipeline.tiles.slide_tiles import plan_slide, read_tiles
 
 FIGURE = "1 tiling"
 

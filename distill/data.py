@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, open_feature_store, open_store, unit_ranges
-from pipeline.tiling import FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
 from pipeline.views import apply_view
 
 

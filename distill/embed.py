@@ -15,7 +15,7 @@ import torch
 from distill.data import student_pixels
 from distill.export import load_student, read_student_json
 from pipeline.config import StoreConfig
-from pipeline.progress import progress_bar
+from pipeline.console import progress_bar
 from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, create_feature_store, open_store, unit_ranges, write_rows
 from pipeline.views import apply_view
 

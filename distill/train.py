@@ -37,13 +37,13 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, 
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, student_pixels, target_sample, validation_batches
 from distill.export import export_student
 from distill.losses import Parts, nested_distill_loss
-from distill.metrics import MetricsLog, plot_metrics, write_report
+from distill.train_log import MetricsLog, plot_metrics, write_report
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.files import write_text_atomically
-from pipeline.progress import console, progress_bar
-from pipeline.report import append_stage_record
+from pipeline.console import console, progress_bar
+from pipeline.run_report import append_stage_record
 from pipeline.stores import StoreError, now
 
 SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed

@@ -117,7 +117,7 @@ class EvalDatasetConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    datasets: list[EvalDatasetConfig] = Field(default_factory=list, description="labelled sets; empty: the demo labelled set built from RUN/tiles.zarr (distill/demo_eval.py)")
+    datasets: list[EvalDatasetConfig] = Field(default_factory=list, description="labelled sets; empty: the demo labelled set built from RUN/tiles.zarr (distill/evaluate/demo_set.py)")
     student: Path | None = Field(None, description="exported student directory (none: RUN/student)")
     dims: list[int] | None = Field(None, description="student widths to evaluate (none: its nested dims)")
     teachers: list[str] | None = Field(None, description="registry teachers to compare with, weights from features.weights (none: features.teachers)")

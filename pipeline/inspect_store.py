@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.progress import progress_bar, results, table
+from pipeline.console import progress_bar, results, table
 from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, open_store, unit_ranges
-from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import FLAG_PADDED, FLAG_READ_FAILED
 
 
 def directory_bytes(path: Path) -> int:

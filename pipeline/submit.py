@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import DEMO_CONFIG, Config, load_config
-from pipeline.progress import console
+from pipeline.console import console
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS = REPO / "clusters"

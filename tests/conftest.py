@@ -9,7 +9,7 @@ import openslide
 import pytest
 import ray
 
-from pipeline.demo_data import CMU_SVS, fetch_source, write_pyramid_tiff
+from pipeline.demo.slides import CMU_SVS, fetch_source, write_pyramid_tiff
 
 CACHE = Path(__file__).resolve().parent.parent / "data" / "test-cache"
 

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.stores import StoreConfig, UnitMarkers, create_feature_store, create_tile_store, new_store_id, unit_ranges, write_rows
-from pipeline.tiling import FLAG_PADDED, FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import FLAG_PADDED, FLAG_READ_FAILED
 from pipeline.views import apply_view, expand_views
 
 TEACHERS = {"alpha": 40, "beta": 24}  # name -> width of its first recipe

@@ -11,8 +11,8 @@ import yaml
 import zarr
 
 from pipeline.config import Config
-from pipeline.feature_stage import run_features
-from pipeline.tile_stage import run_tiles
+from pipeline.features.stage import run_features
+from pipeline.tiles.stage import run_tiles
 
 TEACHER = "demo-vit"
 

@@ -10,7 +10,7 @@ import numpy as np
 import openslide
 import pytest
 
-from pipeline.demo_data import (
+from pipeline.demo.slides import (
     CMU_SVS,
     SYNTHETIC_SLIDES,
     DemoDataError,

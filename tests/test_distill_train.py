@@ -23,7 +23,7 @@ from distill.embed import embed_tile_store
 from distill.train import learning_rate, run_distill
 from distill_run import config_for, make_run, write_config
 from pipeline.config import DistillConfig
-from pipeline.report import read_report
+from pipeline.run_report import read_report
 from pipeline.stores import StoreError, open_feature_store, open_store
 
 REPO = Path(__file__).resolve().parent.parent

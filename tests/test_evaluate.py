@@ -15,20 +15,20 @@ import zarr
 from PIL import Image
 
 from distill.data import student_pixels
-from distill.demo_eval import LABEL_RULE, TILES_PER_CLASS, build_demo_set, demo_dataset
-from distill.embedders import StoredFeatures, StudentEmbedder, cached_embeddings, check_teacher_names, fit_to_model
-from distill.evaluate import EvaluateError, run_evaluate
+from distill.evaluate.demo_set import LABEL_RULE, TILES_PER_CLASS, build_demo_set, demo_dataset
+from distill.evaluate.models import StoredFeatures, StudentEmbedder, cached_embeddings, check_teacher_names, fit_to_model
+from distill.evaluate.run import EvaluateError, run_evaluate
 from distill.export import export_student
-from distill.fidelity import fidelity
-from distill.labelled import open_labelled
-from distill.probes import ProbeData, knn_probe, linear_probe, logistic_probe, nearest, retrieval_accuracy, scores
-from distill.robustness import PairSet, pair_cosine, pair_top_k, paired_folder, proxy_pairs, rescan, restain, robustness
+from distill.evaluate.fidelity import fidelity
+from distill.evaluate.datasets import open_labelled
+from distill.evaluate.probes import ProbeData, knn_probe, linear_probe, logistic_probe, nearest, retrieval_accuracy, scores
+from distill.evaluate.robustness import PairSet, pair_cosine, pair_top_k, paired_folder, proxy_pairs, rescan, restain, robustness
 from distill.standardize import fit_standardizer
 from distill.student import NestedHeads, Student
 from distill_run import make_run
 from pipeline.config import Config, EvalDatasetConfig, EvaluateConfig, StoreConfig, load_config
 from pipeline.stores import create_feature_store, create_tile_store, new_store_id, write_rows
-from pipeline.tiling import FLAG_READ_FAILED, resize_area
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, resize_area
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(img_size=32, depth=2)  # vit_tiny: D = 192

@@ -16,10 +16,10 @@ import zarr
 from safetensors.torch import save_file
 
 from pipeline.config import Config
-from pipeline.feature_stage import run_features
+from pipeline.features.stage import run_features
 from pipeline.stores import StoreError
 from pipeline.teachers import UnknownTeacherError, build_teacher
-from pipeline.tile_stage import run_tiles
+from pipeline.tiles.stage import run_tiles
 from pipeline.views import apply_view
 
 REPO = Path(__file__).resolve().parent.parent

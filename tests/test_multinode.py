@@ -15,7 +15,7 @@ from ray.util.state import list_actors
 
 from feature_run import TEACHER, assert_same_features, copy_tiles, make_reference, small_slide
 from pipeline.config import Config
-from pipeline.feature_stage import run_features
+from pipeline.features.stage import run_features
 
 # Eight views per tile make each unit take about a second, so the run is still going when the node goes.
 # Two one-CPU actors: the one-CPU head holds at most one, so a worker node holds the other.

@@ -25,7 +25,7 @@ import pytest
 import zarr
 
 from feature_run import TEACHER, assert_same_features, copy_tiles, make_reference, small_slide, write_config
-from pipeline.report import read_report
+from pipeline.run_report import read_report
 from pipeline.submit import RayStage, SlurmOptions, render_sbatch
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,12 +16,12 @@ import tifffile
 import zarr
 
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
-from pipeline.report import read_report
+from pipeline.run_report import read_report
 from pipeline.stores import StoreError
-from pipeline.tile_stage import run_tiles
+from pipeline.tiles.stage import run_tiles
 from pipeline.geometry import ReadPlan
-from pipeline.slides import SlideReader
-from pipeline.tiling import FLAG_READ_FAILED, read_tiles, resize_area
+from pipeline.tiles.slides import SlideReader
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, read_tiles, resize_area
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("local_ray")

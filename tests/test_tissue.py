@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tissue import tissue_fractions, tissue_mask
+from pipeline.tiles.tissue import tissue_fractions, tissue_mask
 
 
 def test_blank_glass_has_no_tissue():

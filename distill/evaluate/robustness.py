@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from skimage.color import hed2rgb, rgb2hed
 
-from distill.labelled import IMAGE_SUFFIXES, EvaluateError, ImageFiles, ImageSource
-from distill.probes import nearest
+from distill.evaluate.datasets import IMAGE_SUFFIXES, EvaluateError, ImageFiles, ImageSource
+from distill.evaluate.probes import nearest
 
 # Staining protocols as scales of the haematoxylin, eosin and DAB optical densities (HED jitter, fixed
 # per condition as one protocol stains a whole slide), and scanners as optics (blur sigma px) + codec (JPEG quality).

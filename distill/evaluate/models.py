@@ -27,12 +27,12 @@ from torch import Tensor
 
 from distill.data import student_pixels
 from distill.export import load_student, read_student_json
-from distill.labelled import EvaluateError, ImageSource, StoreTiles
+from distill.evaluate.datasets import EvaluateError, ImageSource, StoreTiles
 from pipeline.files import atomic_path
-from pipeline.progress import progress_bar
+from pipeline.console import progress_bar
 from pipeline.stores import FEATURES_SCHEMA, StoreError, open_store
 from pipeline.teachers import TEACHERS, UnknownTeacherError, build_teacher, get_teacher
-from pipeline.tiling import resize_area
+from pipeline.tiles.slide_tiles import resize_area
 
 
 class Embedder(Protocol):

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from pipeline.files import write_text_atomically  # noqa: E402
-from pipeline.progress import results, table  # noqa: E402
+from pipeline.console import results, table  # noqa: E402
 
 
 class MetricsLog:

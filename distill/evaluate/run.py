@@ -21,17 +21,17 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from distill.demo_eval import demo_dataset
-from distill.embedders import Embedder, Embeddings, StoredFeatures, StudentEmbedder, TeacherEmbedder, cached_embeddings, check_teacher_names
-from distill.eval_report import classification_table, write_markdown, write_plots
-from distill.fidelity import fidelity
-from distill.labelled import EvaluateError, LabelledSet, StoreTiles, open_labelled
-from distill.probes import ProbeData, retrieval_accuracy, run_probes
-from distill.robustness import PairSet, paired_folder, proxy_pairs, robustness
+from distill.evaluate.demo_set import demo_dataset
+from distill.evaluate.models import Embedder, Embeddings, StoredFeatures, StudentEmbedder, TeacherEmbedder, cached_embeddings, check_teacher_names
+from distill.evaluate.report import classification_table, write_markdown, write_plots
+from distill.evaluate.fidelity import fidelity
+from distill.evaluate.datasets import EvaluateError, LabelledSet, StoreTiles, open_labelled
+from distill.evaluate.probes import ProbeData, retrieval_accuracy, run_probes
+from distill.evaluate.robustness import PairSet, paired_folder, proxy_pairs, robustness
 from pipeline.config import Config, EvaluateConfig
 from pipeline.files import write_text_atomically
-from pipeline.progress import results, table
-from pipeline.report import append_stage_record
+from pipeline.console import results, table
+from pipeline.run_report import append_stage_record
 from pipeline.stores import now
 
 __all__ = ["EvaluateError", "print_summary", "run_evaluate"]

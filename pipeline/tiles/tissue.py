@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, filters, morphology
 
-from pipeline.slides import SlideReader
+from pipeline.tiles.slides import SlideReader
 
 STRIP_ROWS = 512  # overview rows produced per OpenSlide read, bounding memory on single-level slides
 

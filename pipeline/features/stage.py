@@ -19,9 +19,9 @@ import numpy as np
 import ray
 
 from pipeline.config import Config, ConfigError, FeaturesConfig
-from pipeline.progress import progress_bar, results, table
+from pipeline.console import progress_bar, results, table
 from pipeline.ray_runtime import completed, ray_session
-from pipeline.report import append_stage_record
+from pipeline.run_report import append_stage_record
 from pipeline.stores import (
     TILES_SCHEMA, StoreError, UnitMarkers, create_feature_store, now, open_feature_store,
     open_store, remove_store, unit_ranges, write_rows,

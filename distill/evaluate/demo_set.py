@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from distill.labelled import EvaluateError, SPLITS
+from distill.evaluate.datasets import EvaluateError, SPLITS
 from pipeline.config import EvalDatasetConfig, StoreConfig
-from pipeline.demo_data import SOURCES_FILE
+from pipeline.demo.slides import SOURCES_FILE
 from pipeline.stores import TILES_SCHEMA, StoreError, create_tile_store, new_store_id, now, open_store, write_rows
-from pipeline.tiling import FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
 
 NAME = "demo-specimen"
 TILES_PER_CLASS = 100

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.config import EvalDatasetConfig
 from pipeline.stores import TILES_SCHEMA, StoreError, open_store
-from pipeline.tiling import FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})

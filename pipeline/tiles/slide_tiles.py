@@ -19,8 +19,8 @@ from skimage import segmentation
 
 from pipeline.config import TilingConfig, TissueConfig
 from pipeline.geometry import ReadPlan, plan_read, read_mpp, tile_grid
-from pipeline.slides import SlideReader, SlideReadError, SlideSource, content_hash
-from pipeline.tissue import read_overview, tissue_fractions, tissue_mask
+from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource, content_hash
+from pipeline.tiles.tissue import read_overview, tissue_fractions, tissue_mask
 
 FLAG_READ_FAILED = 1  # the region could not be read; the tile is blank (zeros)
 FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels are white

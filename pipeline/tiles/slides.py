@@ -11,7 +11,7 @@ import numpy as np
 import openslide
 import yaml
 
-from pipeline.tiff_levels import TiffLevelError, TiffLevels
+from pipeline.tiles.tiff_levels import TiffLevelError, TiffLevels
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-from distill.robustness import GROUPS, LEADERBOARD_K  # noqa: E402
+from distill.evaluate.robustness import GROUPS, LEADERBOARD_K  # noqa: E402
 
 STUDENT = "student"
 STAND_IN_MARK = "*"

@@ -19,15 +19,15 @@ import ray
 from pipeline.config import Config, ConfigError
 from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
-from pipeline.progress import progress_bar, results, table
+from pipeline.console import progress_bar, results, table
 from pipeline.ray_runtime import completed, ray_session
-from pipeline.report import append_stage_record
-from pipeline.slides import SlideReader, discover_slides
+from pipeline.run_report import append_stage_record
+from pipeline.tiles.slides import SlideReader, discover_slides
 from pipeline.stores import (
     TILES_SCHEMA, StoreError, UnitMarkers, create_tile_store, new_store_id, now, open_store, remove_store,
     unit_ranges, versions, write_rows,
 )
-from pipeline.tiling import FLAG_READ_FAILED, SlidePlan, plan_slide, read_tiles
+from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, SlidePlan, plan_slide, read_tiles
 
 IDENTITY_KEYS = ("path", "size", "hash", "mpp", "mpp_source", "status")
 
