@@ -126,7 +126,8 @@ def embed(
     from distill.embed import embed_tile_store
 
     try:
-        console.print(f"wrote {embed_tile_store(student, tiles_store, out_store, dim)}")
+        summary = embed_tile_store(student, tiles_store, out_store, dim)
+        console.print(f"{out_store}: {summary.rows_done} rows embedded, {summary.units_run}/{summary.units_total} units run")
     except (StoreError, ValueError) as error:
         fail(error)
 

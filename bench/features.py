@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import zarr
 
 from bench.common import Row, timed
 from pipeline.config import Config
 from pipeline.features.stage import run_features
+from pipeline.stores import RunDir, open_tile_store
 from pipeline.teachers import build_teacher
 
 FIGURE = "2 features"
@@ -25,7 +25,7 @@ def bare_forward_tiles_per_second(name: str, tiles: torch.Tensor, batch_size: in
 def bare_rates(tiled: Config) -> dict[str, float]:
     """Bare forward tiles/s of each teacher on the run's tiles (``tiled`` holds a finished tile store)."""
     settings = tiled.features
-    tiles = torch.from_numpy(zarr.open_group(str(tiled.run / "tiles.zarr"), mode="r")["tiles"][:])
+    tiles = torch.from_numpy(open_tile_store(RunDir(tiled.run).tiles)["tiles"][:])
     return {name: bare_forward_tiles_per_second(name, tiles, settings.batch_size, settings.threads_per_actor) for name in settings.teachers}
 
 

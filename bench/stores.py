@@ -9,11 +9,11 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
-import zarr
 from numcodecs import Blosc
 
 from bench.common import Row, timed
 from pipeline.inspect_store import directory_bytes
+from pipeline.stores import RunDir, open_feature_store, open_tile_store
 
 FIGURE = "6 stores"
 TILE_CODECS = {
@@ -46,17 +46,16 @@ def codec_rows(kind: str, sample: np.ndarray, codecs: dict) -> list[Row]:
 
 
 def measure(run_dir: Path, quick: bool) -> list[Row]:
-    tiles = zarr.open_group(str(run_dir / "tiles.zarr"), mode="r")
-    n_rows = tiles.attrs["n_rows"]
-    rows = [Row(FIGURE, "tile store on disk", directory_bytes(run_dir / "tiles.zarr") / n_rows / 1024, "KiB/tile", "raw uint8 pixels", tiles["tiles"].nbytes / directory_bytes(run_dir / "tiles.zarr"), note="ratio = times smaller than raw")]
+    run = RunDir(run_dir)
+    tiles = open_tile_store(run.tiles)
+    n_rows = tiles.attrs.n_rows
+    rows = [Row(FIGURE, "tile store on disk", directory_bytes(run.tiles) / n_rows / 1024, "KiB/tile", "raw uint8 pixels", tiles["tiles"].nbytes / directory_bytes(run.tiles), note="ratio = times smaller than raw")]
     sample = tiles["tiles"][: 32 if quick else 256]
     rows += codec_rows("tiles", sample, TILE_CODECS)
-    for store in sorted((run_dir / "features").glob("*.zarr")):
-        group = zarr.open_group(str(store), mode="r")
-        raw = sum(group[name].nbytes for name in group.array_keys())
-        rows.append(Row(FIGURE, f"feature store {store.stem} on disk", directory_bytes(store) / n_rows, "bytes/tile", "raw float16", raw / directory_bytes(store), note=f"recipes {dict(group.attrs['recipes'])}"))
-    first = next(iter(sorted((run_dir / "features").glob("*.zarr"))), None)
-    if first is not None:
-        group = zarr.open_group(str(first), mode="r")
-        rows += codec_rows("features", group[next(iter(group.array_keys()))][: 256 if quick else 4096], FEATURE_CODECS)
+    stores = [open_feature_store(run.features(teacher)) for teacher in run.teachers_with_features()]
+    for store in stores:
+        raw = sum(store[name].nbytes for name in store.array_names())
+        rows.append(Row(FIGURE, f"feature store {store.path.stem} on disk", directory_bytes(store.path) / n_rows, "bytes/tile", "raw float16", raw / directory_bytes(store.path), note=f"recipes {store.attrs.recipes}"))
+    if stores:
+        rows += codec_rows("features", stores[0][stores[0].array_names()[0]][: 256 if quick else 4096], FEATURE_CODECS)
     return rows

@@ -27,8 +27,7 @@ import zarr
 from torch import Tensor
 
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, open_feature_store, open_store, unit_ranges
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
+from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, open_feature_store, open_tile_store
 from pipeline.views import apply_view
 
 
@@ -36,12 +35,12 @@ from pipeline.views import apply_view
 class Split:
     """Slides by role; validation slides are the last `val_slides` slides that have tiles."""
 
-    train: list[dict]
-    val: list[dict]
+    train: list[SlideRecord]
+    val: list[SlideRecord]
 
     def as_record(self) -> dict:
-        def describe(slides: list[dict]) -> list[dict]:
-            return [{"id": s["id"], "name": s["name"], "rows": s["rows"]} for s in slides]
+        def describe(slides: list[SlideRecord]) -> list[dict]:
+            return [{"id": s.id, "name": s.name, "rows": s.rows} for s in slides]
 
         return {"rule": "last val_slides slides with tiles", "train": describe(self.train), "val": describe(self.val)}
 
@@ -56,7 +55,7 @@ class DistillData:
     recipes: dict[str, str]
     teacher_specs: dict[str, dict]
     views: list[dict]
-    tiling: dict
+    tiling: Tiling
     tile_store_id: str
     slide_of_row: np.ndarray  # int32 [N]
     read_failed: np.ndarray  # bool [N]
@@ -64,7 +63,7 @@ class DistillData:
 
     @property
     def tile_px(self) -> int:
-        return self.tiling["tile_px"]
+        return self.tiling.tile_px
 
     @property
     def chunk_rows(self) -> int:
@@ -74,9 +73,9 @@ class DistillData:
     def widths(self) -> dict[str, int]:
         return {teacher: array.shape[2] for teacher, array in self.targets.items()}
 
-    def rows_of(self, slides: list[dict]) -> np.ndarray:
+    def rows_of(self, slides: list[SlideRecord]) -> np.ndarray:
         """Mask [N] of the rows of these slides that were read (read-failed tiles are blank)."""
-        return np.isin(self.slide_of_row, [s["id"] for s in slides]) & ~self.read_failed
+        return np.isin(self.slide_of_row, [s.id for s in slides]) & ~self.read_failed
 
     def lazy_tiles(self) -> da.Array:
         return _lazy(self.tiles)
@@ -100,35 +99,35 @@ def _lazy(array: zarr.Array) -> da.Array:
 
 def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
     """The run's tile store and the selected teachers' feature stores, or a StoreError saying what to fix."""
-    tile_path = run_dir / "tiles.zarr"
-    tiles = open_store(tile_path, TILES_SCHEMA)
-    _require_finished(tile_path, tiles, tiles["tiles"].shards[0], "tiles")
+    run = RunDir(run_dir)
+    tiles = open_tile_store(run.tiles)
+    tiles.require_finished("tiles")
     chunk_rows = tiles["tiles"].chunks[0]
-    teachers = settings.teachers or available_teachers(run_dir)
+    teachers = settings.teachers or run.teachers_with_features()
     if not teachers:
-        raise StoreError(f"no feature stores in {run_dir / 'features'}; run `features` first")
+        raise StoreError(f"no feature stores in {run.features_dir}; run `features` first")
     for key, named in (("recipes", settings.recipes), ("teacher_weights", settings.teacher_weights)):
         if set(named) - set(teachers):
             raise ConfigError(f"distill.{key} names {sorted(set(named) - set(teachers))}, not among the distilled teachers {teachers}")
     targets, recipes, specs, views_of = {}, {}, {}, {}
     for teacher in teachers:
-        path = run_dir / "features" / f"{teacher}.zarr"
+        path = run.features(teacher)
         if not path.exists():
             raise StoreError(
-                f"no feature store for teacher {teacher!r} at {path}; {run_dir / 'features'} holds "
-                f"{available_teachers(run_dir) or 'none'}: fix distill.teachers or run `features` for {teacher!r}"
+                f"no feature store for teacher {teacher!r} at {path}; {run.features_dir} holds "
+                f"{run.teachers_with_features() or 'none'}: fix distill.teachers or run `features` for {teacher!r}"
             )
         store = open_feature_store(path, tiles)
-        recipe = settings.recipes.get(teacher, next(iter(store.attrs["recipes"])))
-        if recipe not in store.attrs["recipes"]:
+        recipe = settings.recipes.get(teacher, next(iter(store.attrs.recipes)))
+        if recipe not in store.attrs.recipes:
             raise StoreError(
-                f"{path} has no recipe {recipe!r}; it holds {list(store.attrs['recipes'])}: fix distill.recipes.{teacher}"
+                f"{path} has no recipe {recipe!r}; it holds {list(store.attrs.recipes)}: fix distill.recipes.{teacher}"
             )
         array = store[recipe]
-        _require_finished(path, store, array.shards[0], "features")
+        store.require_finished("features")
         if array.chunks[0] != chunk_rows:
             raise StoreError(f"{path} has chunks of {array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
-        targets[teacher], recipes[teacher], specs[teacher], views_of[teacher] = array, recipe, store.attrs["teacher"], store.attrs["views"]
+        targets[teacher], recipes[teacher], specs[teacher], views_of[teacher] = array, recipe, store.attrs.teacher, store.attrs.views
     first = teachers[0]
     for teacher in teachers[1:]:
         if views_of[teacher] != views_of[first]:
@@ -136,7 +135,7 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
                 f"teachers {first!r} and {teacher!r} were computed on different views ({views_of[first]} vs "
                 f"{views_of[teacher]}); a student sample shows one view to every teacher: rerun features with the same views"
             )
-    slides = [s for s in tiles.attrs["slides"] if s["status"] == "ok" and s["rows"][1] > s["rows"][0]]
+    slides = [s for s in tiles.attrs.slides if s.ok and s.rows[1] > s.rows[0]]
     if settings.val_slides >= len(slides):
         raise ConfigError(
             f"distill.val_slides = {settings.val_slides}, but the tile store has {len(slides)} slides with tiles; "
@@ -144,30 +143,18 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
         )
     split = Split(train=slides[: len(slides) - settings.val_slides], val=slides[len(slides) - settings.val_slides :])
     return DistillData(
-        tile_path=tile_path,
+        tile_path=run.tiles,
         tiles=tiles["tiles"],
         targets=targets,
         recipes=recipes,
         teacher_specs=specs,
         views=views_of[first],
-        tiling=tiles.attrs["tiling"],
-        tile_store_id=tiles.attrs["store_id"],
+        tiling=tiles.attrs.tiling,
+        tile_store_id=tiles.attrs.store_id,
         slide_of_row=tiles["slide"][:],
         read_failed=(tiles["flags"][:] & FLAG_READ_FAILED).astype(bool),
         split=split,
     )
-
-
-def available_teachers(run_dir: Path) -> list[str]:
-    return sorted(path.name.removesuffix(".zarr") for path in (run_dir / "features").glob("*.zarr"))
-
-
-def _require_finished(path: Path, store: zarr.Group, shard_rows: int, stage: str) -> None:
-    """Unwritten chunks read as zeros, so an unfinished store would silently train on blanks."""
-    units = len(unit_ranges(store.attrs["n_rows"], shard_rows))
-    missing = units - len(UnitMarkers(path, store.attrs["store_id"]).done() & set(range(units)))
-    if missing:
-        raise StoreError(f"{path} is unfinished ({missing} of {units} units missing); rerun `{stage}` to complete it")
 
 
 def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.ndarray:
@@ -183,7 +170,7 @@ def check_finite(values: np.ndarray, teacher: str, data: DistillData, rows: np.n
     """Targets [n, ...] of `rows` must be finite: a NaN would poison every weight in one step."""
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
-        path = data.tile_path.parent / "features" / f"{teacher}.zarr"
+        path = RunDir(data.tile_path.parent).features(teacher)
         raise StoreError(
             f"teacher {teacher!r} (recipe {data.recipes[teacher]!r}) has NaN/Inf targets in rows "
             f"{rows[bad][:20].tolist()}{' ...' if bad.sum() > 20 else ''}: run `inspect-store --verify {path}` "

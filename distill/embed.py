@@ -1,75 +1,98 @@
 """`embed`: an exported student's embeddings of a tile store, written as a feature store.
 
 The output has the feature store schema (recipe `embedding`, one view), so everything that reads
-teacher features (inspect-store, evaluation, another distillation) reads student embeddings too.
-Tiles are embedded one shard of rows at a time, each shard written whole and then marked done.
+teacher features (inspect-store, evaluation, another distillation) reads student embeddings too. It
+runs through the teachers' own unit loop (``pipeline.embedding``): on Ray, resumable after any
+interruption, and refused rows of NaN/Inf are never written.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch import Tensor
 
 from distill.data import student_pixels
 from distill.export import load_student, read_student_json
-from pipeline.config import StoreConfig
-from pipeline.console import progress_bar
-from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, create_feature_store, open_store, unit_ranges, write_rows
-from pipeline.views import apply_view
+from distill.student import Student
+from pipeline.config import RayConfig, StoreConfig
+from pipeline.embedding import ActorSettings, EmbedSummary, embed_pool
+from pipeline.geometry import same_mpp
+from pipeline.ray_runtime import ray_session
+from pipeline.stores import StoreError, open_tile_store
 
 IDENTITY = {"name": "identity"}
+RECIPE = "embedding"
 
 
-def embed_tile_store(student_dir: Path, tile_store: Path, out_store: Path, dim: int, batch_size: int = 64) -> Path:
-    """Write the first `dim` dims of the student's embedding of every row of `tile_store` to `out_store`
-    (float16 [N, 1, dim]). Refuses tiles of another size or resolution than the student was trained on."""
-    student = load_student(student_dir)
+@dataclass(frozen=True)
+class StudentAtWidth:
+    """The exported student as an embedder: the first ``dim`` dims of its nested embedding."""
+
+    student: Student
+    record: dict  # student.json
+    dim: int
+    device: torch.device
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {RECIPE: self.dim}
+
+    def embed(self, tiles_uint8_nhwc: Tensor) -> dict[str, Tensor]:
+        with torch.inference_mode():
+            pixels = student_pixels(tiles_uint8_nhwc, self.record["mean"], self.record["std"])
+            return {RECIPE: self.student.embed(pixels, dim=self.dim)}
+
+    def provenance(self) -> dict:
+        record = self.record
+        return {
+            "name": f"student:{record['arch']}",
+            "input_px": record["input_px"],
+            "mean": record["mean"],
+            "std": record["std"],
+            "target_mpp": record["target_mpp"],
+            "stand_in": False,
+            "dim": self.dim,
+            "widths": self.widths,
+            "student": record,
+        }
+
+
+def load_student_at_width(student_dir: Path, dim: int, device: str) -> StudentAtWidth:
     _, record = read_student_json(student_dir)
-    if not 1 <= dim <= student.width:
-        raise ValueError(f"dim={dim} is outside the student's embedding: choose 1..{student.width} (trained nested dims {student.nested_dims})")
-    tiles = open_store(tile_store, TILES_SCHEMA)
-    tiling = tiles.attrs["tiling"]
-    if tiling["tile_px"] != record["input_px"]:
-        raise StoreError(f"{tile_store} holds {tiling['tile_px']} px tiles, the student takes {record['input_px']} px: retile at its size")
-    if abs(tiling["target_mpp"] - record["target_mpp"]) > tiling["mpp_tolerance"] * record["target_mpp"]:
+    return StudentAtWidth(load_student(student_dir).to(device), record, dim, torch.device(device))
+
+
+def embed_tile_store(
+    student_dir: Path, tile_store: Path, out_store: Path, dim: int, batch_size: int = 64,
+    ray: RayConfig | None = None, overwrite: bool = False,
+) -> EmbedSummary:
+    """Write the first `dim` dims of the student's embedding of every row of `tile_store` to `out_store`
+    (float16 [N, 1, dim]); a rerun completes an interrupted store and leaves a finished one alone.
+    Refuses tiles of another size or resolution than the student was trained on."""
+    _, record = read_student_json(student_dir)
+    width = record["width"]
+    if not 1 <= dim <= width:
+        raise ValueError(f"dim={dim} is outside the student's embedding: choose 1..{width} (trained nested dims {record['nested_dims']})")
+    tiles = open_tile_store(tile_store)
+    tiles.require_finished("tiles")
+    tiling = tiles.attrs.tiling
+    if tiling.tile_px != record["input_px"]:
+        raise StoreError(f"{tile_store} holds {tiling.tile_px} px tiles, the student takes {record['input_px']} px: retile at its size")
+    if not same_mpp(record["target_mpp"], tiling.target_mpp, tiling.mpp_tolerance):
         raise StoreError(
-            f"{tile_store} is at {tiling['target_mpp']} um/px, the student was distilled at {record['target_mpp']} um/px: "
+            f"{tile_store} is at {tiling.target_mpp} um/px, the student was distilled at {record['target_mpp']} um/px: "
             "retile at the student's resolution"
         )
-    if Path(out_store).exists():
-        raise StoreError(f"{out_store} already exists: remove it or choose another output path")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = student.to(device)
     array = tiles["tiles"]
-    shard_rows = array.shards[0]
-    describing = {
-        "name": f"student:{record['arch']}",
-        "input_px": record["input_px"],
-        "mean": record["mean"],
-        "std": record["std"],
-        "target_mpp": record["target_mpp"],
-        "stand_in": False,
-        "dim": dim,
-        "student": record,
-    }
-    group = create_feature_store(
-        out_store, dict(tiles.attrs), array.chunks[0], shard_rows, StoreConfig(chunk_rows=array.chunks[0], shard_rows=shard_rows),
-        describing, {"embedding": dim}, [IDENTITY],
-    )
-    markers = UnitMarkers(out_store, group.attrs["store_id"])
-    with progress_bar() as bar:
-        task = bar.add_task(f"embed d={dim}", total=tiles.attrs["n_rows"], rate="")
-        for unit, (start, end) in enumerate(unit_ranges(tiles.attrs["n_rows"], shard_rows)):
-            stored = array[start:end]
-            embeddings = np.empty((end - start, 1, dim), np.float16)
-            for first in range(0, end - start, batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(apply_view(stored[first : first + batch_size], IDENTITY, record["input_px"])))
-                with torch.inference_mode():
-                    z = student.embed(student_pixels(batch.to(device), record["mean"], record["std"]), dim=dim)
-                embeddings[first : first + len(batch), 0] = z.float().cpu().numpy()
-            write_rows(out_store, start, {"embedding": embeddings})
-            markers.mark(unit, {"start": start, "end": end})
-            bar.update(task, advance=end - start)
-    return Path(out_store)
+    store = StoreConfig(chunk_rows=array.chunks[0], shard_rows=array.shards[0])
+    actors = ActorSettings(batch_size=batch_size, gpus_per_actor=1.0 if torch.cuda.is_available() else 0.0)
+    name = f"student:{record['arch']}@{dim}"
+    summary = EmbedSummary(tiles.attrs.n_rows, [name], units_total=len(tiles.units()))
+    with ray_session(ray or RayConfig()):
+        builder = functools.partial(load_student_at_width, Path(student_dir), dim)
+        embed_pool(tiles, {name: builder}, {name: Path(out_store)}, [IDENTITY], actors, store, overwrite, summary)
+    return summary

@@ -34,17 +34,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, student_pixels, target_sample, validation_batches
+from distill.data import (
+    BlockShuffleLoader, DistillData, Rows, open_distill_data, student_pixels, target_sample, validation_batches,
+)
 from distill.export import export_student
 from distill.losses import Parts, nested_distill_loss
-from distill.train_log import MetricsLog, plot_metrics, write_report
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
+from distill.train_log import MetricsLog, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
-from pipeline.files import write_text_atomically
 from pipeline.console import console, progress_bar
+from pipeline.files import write_text_atomically
 from pipeline.run_report import append_stage_record
-from pipeline.stores import StoreError, now
+from pipeline.stores import RunDir, StoreError, now
 
 SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
@@ -122,12 +124,12 @@ def run_distill(config: Config, resume: bool = False) -> dict:
     checkpoint exactly as if the run had not stopped. Returns the run's summary (rank 0; {} on others)."""
     started = time.perf_counter()
     settings = config.distill
-    run_dir = config.run.resolve()
-    out_dir = run_dir / "student"
+    run = RunDir.of(config)
+    out_dir = run.student
     world = World.from_env()
     if settings.batch_size % world.size:
         raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
-    data = open_distill_data(run_dir, settings)
+    data = open_distill_data(run.root, settings)
     found = latest_checkpoint(out_dir / "checkpoints")
     if found and not resume:
         raise StoreError(f"{out_dir} holds checkpoints of an earlier run: resume it (--resume), or move {out_dir} away to start over")
@@ -231,7 +233,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
         },
         "settings": settings.model_dump(mode="json"),
         "input_px": data.tile_px,
-        "target_mpp": data.tiling["target_mpp"],
+        "target_mpp": data.tiling.target_mpp,
         "views": len(data.views),
         "world_size": world.size,
         "data": data.describe(),
@@ -245,7 +247,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
     }
     write_report(out_dir / "report.md", summary)
     write_text_atomically(out_dir / SUMMARY, json.dumps(summary, indent=2, default=str))
-    append_stage_record(run_dir, {
+    append_stage_record(run.root, {
         "stage": "distill",
         "finished": now(),
         "student_dir": str(out_dir),
@@ -361,7 +363,7 @@ def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple
 
 def data_identity(data: DistillData) -> dict:
     """What a checkpoint must have been trained on to be resumed."""
-    return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s["name"] for s in data.split.val]}
+    return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s.name for s in data.split.val]}
 
 
 def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData) -> dict:
@@ -380,7 +382,7 @@ def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimiz
 def export_meta(data: DistillData, settings: DistillConfig, pixel_mean: tuple, pixel_std: tuple, final_val: dict) -> dict:
     return {
         "input_px": data.tile_px,
-        "target_mpp": data.tiling["target_mpp"],
+        "target_mpp": data.tiling.target_mpp,
         "mean": list(pixel_mean),
         "std": list(pixel_std),
         "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},

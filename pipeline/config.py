@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.geometry import MPP_TOLERANCE
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -28,7 +30,7 @@ class TilingConfig(Strict):
     tile_px: int = Field(224, gt=0, description="tile side at the target mpp")
     overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles, at the target mpp")
     context_px: int = Field(0, ge=0, description="margin stored around each tile (for cropped views)")
-    mpp_tolerance: float = Field(0.05, ge=0, lt=1, description="relative mpp difference treated as equal")
+    mpp_tolerance: float = Field(MPP_TOLERANCE, ge=0, lt=1, description="relative mpp difference treated as equal")
     allow_upsample: bool = Field(False, description="allow targets finer than the slide's base level")
     reader: Literal["auto", "openslide"] = Field("auto", description="auto: decode tiled TIFF/SVS levels directly, OpenSlide for the rest")
 

@@ -17,13 +17,16 @@ The rules, in the order they are applied:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
+MPP_TOLERANCE = 0.05  # relative mpp difference treated as equal, unless a run sets tiling.mpp_tolerance
 # Vendor-specific keys that carry microns per pixel directly.
 VENDOR_MPP_KEYS = ("aperio.MPP", "openslide.mirax.MPP")
 RESOLUTION_UNIT_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
@@ -105,25 +108,24 @@ def plan_read(
     tile_px: int,
     overlap_px: int = 0,
     context_px: int = 0,
-    tolerance: float = 0.05,
+    tolerance: float = MPP_TOLERANCE,
     allow_upsample: bool = False,
 ) -> ReadPlan:
     """Choose the read level and pixel sizes for tiles of ``tile_px`` at ``target_mpp``."""
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"overlap_px must be in [0, tile_px): got {overlap_px} for tile_px {tile_px}")
     level_mpps = [mpp0 * ds for ds in level_downsamples]
-    fine_enough = [i for i, mpp in enumerate(level_mpps) if mpp <= target_mpp * (1 + tolerance)]
-    if not fine_enough:
+    level = read_level(level_mpps, target_mpp, tolerance)
+    if level is None:
         if not allow_upsample:
             raise UpsampleError(
                 f"target {target_mpp} um/px is finer than the slide's base level ({mpp0:.4f} um/px) beyond "
                 f"tolerance {tolerance}; choose a coarser target or allow upsampling explicitly"
             )
-        fine_enough = [0]
-    level = max(fine_enough, key=lambda i: level_mpps[i])
+        level = 0
     level_mpp = level_mpps[level]
     scale = target_mpp / level_mpp  # read-level pixels per target pixel
-    if abs(scale - 1) <= tolerance:
+    if same_mpp(level_mpp, target_mpp, tolerance):
         scale = 1.0
     return ReadPlan(
         level=level,
@@ -137,6 +139,17 @@ def plan_read(
         resized=scale != 1.0,
         effective_mpp=level_mpp * scale,
     )
+
+
+def read_level(level_mpps: Sequence[float], target_mpp: float, tolerance: float) -> int | None:
+    """Rule 2: the coarsest level not coarser than ``target_mpp`` (within ``tolerance``); None if every level is."""
+    fine_enough = [i for i, mpp in enumerate(level_mpps) if mpp <= target_mpp * (1 + tolerance)]
+    return max(fine_enough, key=lambda i: level_mpps[i]) if fine_enough else None
+
+
+def same_mpp(found: float, expected: float, tolerance: float = MPP_TOLERANCE) -> bool:
+    """Rule 3's equality: ``found`` is ``expected`` within the relative ``tolerance``."""
+    return abs(expected / found - 1) <= tolerance
 
 
 def tile_grid(dimensions: tuple[int, int], plan: ReadPlan) -> np.ndarray:
@@ -154,3 +167,26 @@ def tile_grid(dimensions: tuple[int, int], plan: ReadPlan) -> np.ndarray:
     ys = ys[ys + plan.to_level0(plan.read_px) <= height0]
     grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
+
+
+def resize_area(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Area-filtered resize of a square RGB tile to ``size`` px: each source pixel weighs by the part
+    of it that an output pixel covers. PIL's BOX samples pixel centres instead, which is area only
+    for whole-number factors, so PIL's ``reduce`` serves those and separable taps the others."""
+    source = pixels.shape[0]
+    if source % size == 0:
+        return np.asarray(Image.fromarray(pixels).reduce(source // size))
+    index, weight = area_taps(source, size)
+    columns = (pixels[index].astype(np.float32) * weight[:, :, None, None]).sum(axis=1)  # [size, source, 3]
+    resized = (columns[:, index] * weight[None, :, :, None]).sum(axis=2)  # [size, size, 3]
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def area_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each output pixel, the source pixels it overlaps and their weights (overlap / output width)."""
+    scale = source / target
+    lows = np.arange(target)[:, None] * scale
+    index = np.floor(lows).astype(np.int64) + np.arange(int(np.ceil(scale)) + 1)
+    overlap = np.clip(np.minimum(lows + scale, index + 1) - np.maximum(lows, index), 0, None)
+    return np.minimum(index, source - 1), (overlap / scale).astype(np.float32)

@@ -11,8 +11,7 @@ import numpy as np
 import zarr
 
 from pipeline.console import progress_bar, results, table
-from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, open_store, unit_ranges
-from pipeline.tiles.slide_tiles import FLAG_PADDED, FLAG_READ_FAILED
+from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, StoreError, open_store, open_tile_store
 
 
 def directory_bytes(path: Path) -> int:
@@ -43,46 +42,45 @@ def codec_name(codec: object) -> str:
 def describe_store(path: Path, verify: bool = False) -> dict:
     """A JSON-able description of any pathdistill store; with ``verify``, reads every chunk."""
     path = Path(path)
-    group = open_store(path)
-    attrs = dict(group.attrs)
-    arrays = {name: group[name] for name in sorted(group.array_keys())}
-    n_rows = attrs["n_rows"]
+    store = open_store(path)
+    attrs = store.attrs
+    arrays = {name: store[name] for name in store.array_names()}
+    n_rows = attrs.n_rows
     description = {
         "path": str(path),
-        "schema": attrs["schema"],
-        "store_id": attrs["store_id"],
+        "schema": attrs.SCHEMA,
+        "store_id": attrs.store_id,
         "n_rows": n_rows,
-        "created": attrs.get("created"),
-        "versions": attrs.get("versions", {}),
+        "created": attrs.created,
+        "versions": attrs.versions,
         "arrays": {name: describe_array(array, path) for name, array in arrays.items()},
         "stored_bytes": directory_bytes(path),
     }
     description["compression_ratio"] = round(sum(a["bytes"] for a in description["arrays"].values()) / description["stored_bytes"], 2)
-    first = next(iter(arrays.values()))
-    units = unit_ranges(n_rows, (first.shards or first.chunks)[0])
-    description["units"] = {"total": len(units), "marked_done": len(UnitMarkers(path, attrs["store_id"]).done() & set(range(len(units))))}
-    if attrs["schema"] == TILES_SCHEMA:
-        description["tiling"] = attrs["tiling"]
-        description["slides"] = attrs["slides"]
-    else:
-        description.update(teacher=attrs["teacher"], views=attrs["views"], recipes=attrs["recipes"])
+    units = len(store.units())
+    description["units"] = {"total": units, "marked_done": units - len(store.missing_units())}
+    if isinstance(attrs, FeatureStoreAttrs):
+        description.update(teacher=attrs.teacher, views=attrs.views, recipes=attrs.recipes)
         description["tile_store"] = tile_store_link(path, attrs)
         description["statistics"] = {name: feature_statistics(array) for name, array in arrays.items()}
+    else:
+        description["tiling"] = attrs.tiling.to_dict()
+        description["slides"] = [slide.to_dict() for slide in attrs.slides]
     if verify:
         description["verify"] = verify_arrays(arrays, n_rows)
     return description
 
 
-def tile_store_link(path: Path, attrs: dict) -> dict:
+def tile_store_link(path: Path, attrs: FeatureStoreAttrs) -> dict:
     """Whether the tile store beside ``features/`` is the one these features were computed from."""
-    tiles_path = path.parent.parent / "tiles.zarr"
-    link = {"path": str(tiles_path), "expected_id": attrs["tile_store_id"]}
+    tiles_path = RunDir.of_feature_store(path).tiles
+    link = {"path": str(tiles_path), "expected_id": attrs.tile_store_id}
     try:
-        tiles = open_store(tiles_path, TILES_SCHEMA)
+        tiles = open_tile_store(tiles_path)
     except StoreError as error:
         return {**link, "status": f"not found: {error}"}
-    matches = tiles.attrs["store_id"] == attrs["tile_store_id"] and tiles.attrs["n_rows"] == attrs["n_rows"]
-    return {**link, "status": "matches" if matches else f"does not match (its id is {tiles.attrs['store_id']})"}
+    matches = tiles.attrs.store_id == attrs.tile_store_id and tiles.attrs.n_rows == attrs.n_rows
+    return {**link, "status": "matches" if matches else f"does not match (its id is {tiles.attrs.store_id})"}
 
 
 def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:

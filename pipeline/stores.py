@@ -1,9 +1,15 @@
-"""The Zarr stores both halves of the project share: their schemas, layout and completion markers.
+"""The store contract: what a run directory holds, what each store's attrs say, and how stores are
+written and opened. The one module both halves of the project import for data.
 
-Layout rules (see DESIGN.md): arrays share the row axis; chunks hold whole rows (tiles) and are the
-read unit; shards group chunks and are the write unit; a work unit is one shard of rows, so each
-writer owns whole shards of every array and never races another. Every chunk carries a crc32c
-checksum, so a flipped byte on disk fails the read instead of passing silently.
+Layout rules: arrays share the row axis; chunks hold whole rows (tiles) and are the read unit; shards
+group chunks and are the write unit; a work unit is one shard of rows, so each writer owns whole
+shards of every array and never races another. Every chunk carries a crc32c checksum, so a flipped
+byte on disk fails the read instead of passing silently.
+
+Attrs are typed: writers build a ``TileStoreAttrs`` or ``FeatureStoreAttrs`` and readers get one
+back from ``open_tile_store`` / ``open_feature_store``, which refuse a store of another schema or
+version, or whose attrs do not match the schema, naming what to do. Changing what a store holds
+means a new schema version here; readers refuse versions they do not know.
 
 Completion is recorded outside Zarr metadata, as one marker file per unit in ``<store>.progress/``,
 written after the unit's shards; a marker names the store id it belongs to, so markers of a
@@ -12,27 +18,290 @@ replaced store never count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.config import StoreConfig
+from pipeline.config import Config, StoreConfig
 from pipeline.files import write_text_atomically
 
 TILES_SCHEMA = "pathdistill.tiles/1"
 FEATURES_SCHEMA = "pathdistill.features/1"
 VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
 
+# Bits of the tile store's ``flags`` array.
+FLAG_READ_FAILED = 1  # the region could not be read; the tile is blank (zeros)
+FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels are white
+
+# Beside the demo slides: which real image each was made from (written by the demo maker, read by
+# the demo evaluation set).
+DEMO_SOURCES_FILE = "SOURCES.json"
+
 
 class StoreError(ValueError):
     """A store is missing, of the wrong schema, or does not match what the command was given."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of a run directory, named once."""
+
+    root: Path
+
+    @property
+    def tiles(self) -> Path:
+        return self.root / "tiles.zarr"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    def features(self, teacher: str) -> Path:
+        return self.features_dir / f"{teacher}.zarr"
+
+    def teachers_with_features(self) -> list[str]:
+        return sorted(path.name.removesuffix(".zarr") for path in self.features_dir.glob("*.zarr"))
+
+    @property
+    def qc(self) -> Path:
+        return self.root / "qc"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    @classmethod
+    def of(cls, config: Config) -> RunDir:
+        return cls(config.run.resolve())
+
+    @classmethod
+    def of_feature_store(cls, path: Path) -> RunDir:
+        """The run a ``features/<teacher>.zarr`` store sits in."""
+        return cls(Path(path).parent.parent)
+
+
+def progress_dir(store_path: Path) -> Path:
+    return Path(f"{store_path}.progress")
+
+
+class _Record:
+    """JSON form of a frozen dataclass: fields in declaration order, optional fields left out when None,
+    and ``from_dict`` refusing missing or unknown keys."""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if value is None and item.default is None:
+                continue
+            out[item.name] = value.to_dict() if isinstance(value, _Record) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, what: str) -> Any:
+        names = {item.name for item in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        required = {item.name for item in dataclasses.fields(cls) if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING}  # type: ignore[arg-type]
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+        if unknown or missing:
+            raise StoreError(
+                f"{what} does not match this version's schema (unknown keys {unknown}, missing keys {missing}): "
+                "it was written by another pathdistill version; rerun the stage that made it with --overwrite"
+            )
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tiling(_Record):
+    """Everything that decides the stored pixels; a tile store made with other values is not reused."""
+
+    target_mpp: float
+    tile_px: int
+    overlap_px: int
+    context_px: int
+    mpp_tolerance: float
+    allow_upsample: bool
+    reader: str
+    stored_px: int  # tile_px plus the context margin on both sides
+    tissue: dict
+    store: dict
+
+    @classmethod
+    def from_config(cls, config: Config) -> Tiling:
+        return cls(
+            **config.tiling.model_dump(),
+            stored_px=config.tiling.tile_px + 2 * config.tiling.context_px,
+            tissue=config.tissue.model_dump(mode="json"),
+            store=config.store.model_dump(),
+        )
+
+    def differences(self, other: Tiling) -> list[str]:
+        return [
+            f"tiling.{key}: store has {value!r}, now {getattr(other, key)!r}"
+            for key, value in self.to_dict().items()
+            if getattr(other, key) != value
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlideRecord(_Record):
+    """One slide of a tile store: its identity, how it was read, and its rows [start, end)."""
+
+    id: int
+    name: str
+    path: str
+    status: str  # "ok", or "failed" with the reason in ``error``
+    error: str | None  # always recorded: None for a slide that was tiled
+    traceback: str | None = None
+    size: int | None = None  # bytes of the file, and its content hash: the slide's identity
+    hash: str | None = None
+    vendor: str | None = None
+    dimensions: list[int] | None = None
+    level_count: int | None = None
+    level_downsamples: list[float] | None = None
+    mpp: float | None = None  # level-0 micrometres per pixel, and the property it came from
+    mpp_source: str | None = None
+    read: dict | None = None  # geometry.ReadPlan.as_record()
+    reader: str | None = None
+    grid_tiles: int | None = None
+    tissue_area_fraction: float | None = None
+    qc: str | None = None  # QC picture, relative to the run directory
+    n_tiles: int | None = None
+    rows: list[int] = field(default_factory=lambda: [0, 0])
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("path", "size", "hash", "mpp", "mpp_source", "status")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileStoreAttrs(_Record):
+    """Group attrs of ``tiles.zarr``; labelled sets (evaluation) add label names and how they were made."""
+
+    store_id: str
+    n_rows: int
+    tiling: Tiling
+    slides: list[SlideRecord]
+    versions: dict
+    created: str
+    label_names: list[str] | None = None
+    label_rule: str | None = None
+    derived_from: dict | None = None
+
+    SCHEMA: ClassVar[str] = TILES_SCHEMA
+
+    @classmethod
+    def new(cls, tiling: Tiling, slides: list[SlideRecord], n_rows: int, **labels: Any) -> TileStoreAttrs:
+        return cls(store_id=new_store_id(), n_rows=n_rows, tiling=tiling, slides=slides, versions=versions(), created=now(), **labels)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "slides": [slide.to_dict() for slide in self.slides], "schema": self.SCHEMA}
+
+    @classmethod
+    def from_dict(cls, data: dict, what: str) -> TileStoreAttrs:
+        data = {key: value for key, value in data.items() if key != "schema"}
+        parsed = super().from_dict(data, what)
+        return dataclasses.replace(
+            parsed,
+            tiling=Tiling.from_dict(parsed.tiling, f"{what} tiling"),
+            slides=[SlideRecord.from_dict(slide, f"{what} slide record") for slide in parsed.slides],
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureStoreAttrs(_Record):
+    """Group attrs of ``features/<teacher>.zarr``: which tile store, teacher (full provenance), recipes
+    (name -> width) and views (what each view index is) the features are of."""
+
+    store_id: str
+    n_rows: int
+    tile_store_id: str
+    teacher: dict
+    recipes: dict[str, int]
+    views: list[dict]
+    versions: dict
+    created: str
+
+    SCHEMA: ClassVar[str] = FEATURES_SCHEMA
+
+    @classmethod
+    def new(cls, tiles: TileStoreAttrs, teacher: dict, recipes: dict[str, int], views: list[dict]) -> FeatureStoreAttrs:
+        # As JSON stores them (tuples become lists), so attrs compare equal to what is read back.
+        teacher, views = json.loads(json.dumps(teacher)), json.loads(json.dumps(views))
+        return cls(
+            store_id=new_store_id(), n_rows=tiles.n_rows, tile_store_id=tiles.store_id, teacher=teacher,
+            recipes=dict(recipes), views=views, versions=versions(), created=now(),
+        )
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "schema": self.SCHEMA}
+
+    @classmethod
+    def from_dict(cls, data: dict, what: str) -> FeatureStoreAttrs:
+        return super().from_dict({key: value for key, value in data.items() if key != "schema"}, what)
+
+
+Attrs = TypeVar("Attrs", TileStoreAttrs, FeatureStoreAttrs)
+ATTRS_OF_SCHEMA = {TILES_SCHEMA: TileStoreAttrs, FEATURES_SCHEMA: FeatureStoreAttrs}
+
+
+@dataclass(frozen=True, eq=False)
+class Store(Generic[Attrs]):
+    """An opened store: its path, the Zarr group (read-only unless written through ``write_rows``) and typed attrs."""
+
+    path: Path
+    group: zarr.Group
+    attrs: Attrs
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def array_names(self) -> list[str]:
+        return sorted(self.group.array_keys())
+
+    @property
+    def unit_rows(self) -> int:
+        """Rows per work unit: the shard (or, unsharded, the chunk) of the first array."""
+        first = self.group[self.array_names()[0]]
+        return (first.shards or first.chunks)[0]
+
+    def units(self) -> list[tuple[int, int]]:
+        return unit_ranges(self.attrs.n_rows, self.unit_rows)
+
+    def markers(self) -> UnitMarkers:
+        return UnitMarkers(self.path, self.attrs.store_id)
+
+    def missing_units(self) -> set[int]:
+        return set(range(len(self.units()))) - self.markers().done()
+
+    def require_finished(self, stage: str) -> None:
+        """Unwritten chunks read as zeros, so an unfinished store would silently feed blanks downstream."""
+        missing = self.missing_units()
+        if missing:
+            raise StoreError(f"{self.path} is unfinished ({len(missing)} of {len(self.units())} units missing); rerun `{stage}` to complete it")
 
 
 def compressors(store: StoreConfig, byte_shuffle: bool = False) -> list:
@@ -58,12 +327,12 @@ def new_store_id() -> str:
     return str(uuid.uuid4())
 
 
-def create_tile_store(path: Path, n_rows: int, tile_side: int, store: StoreConfig, attrs: dict) -> zarr.Group:
+def create_tile_store(path: Path, attrs: TileStoreAttrs, store: StoreConfig) -> Store[TileStoreAttrs]:
     """Create every array at its final size, then the attrs; the ``schema`` attr marks a finished creation."""
     group = zarr.open_group(str(path), mode="w")
-    rows = store.shard_rows
+    rows, n_rows, side = store.shard_rows, attrs.n_rows, attrs.tiling.stored_px
     shape_of = {
-        "tiles": ((n_rows, tile_side, tile_side, 3), "uint8", ["row", "y", "x", "channel"]),
+        "tiles": ((n_rows, side, side, 3), "uint8", ["row", "y", "x", "channel"]),
         "coords": ((n_rows, 2), "int64", ["row", "xy"]),
         "slide": ((n_rows,), "int32", ["row"]),
         "tissue": ((n_rows,), "float32", ["row"]),
@@ -77,50 +346,25 @@ def create_tile_store(path: Path, n_rows: int, tile_side: int, store: StoreConfi
         group.create_array(
             name, shape=shape, dtype=dtype, fill_value=0, compressors=compressors(store), dimension_names=dims, **chunking
         )
-    group.attrs.update({**attrs, "schema": TILES_SCHEMA})
-    return group
+    group.attrs.update(attrs.to_dict())
+    return Store(Path(path), group, attrs)
 
 
-def create_feature_store(
-    path: Path, tile_attrs: dict, chunk_rows: int, shard_rows: int, store: StoreConfig,
-    teacher: dict, recipes: dict[str, int], views: list[dict],
-) -> zarr.Group:
+def create_feature_store(path: Path, attrs: FeatureStoreAttrs, chunk_rows: int, shard_rows: int, store: StoreConfig) -> Store[FeatureStoreAttrs]:
     """One float16 [N, V, D] array per recipe, rows aligned with the tile store's chunks and shards."""
-    n_rows = tile_attrs["n_rows"]
     group = zarr.open_group(str(path), mode="w")
-    for recipe, width in recipes.items():
-        shape = (n_rows, len(views), width)
+    for recipe, width in attrs.recipes.items():
+        shape = (attrs.n_rows, len(attrs.views), width)
         group.create_array(
             recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
             chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
         )
-    group.attrs.update({
-        "store_id": new_store_id(),
-        "n_rows": n_rows,
-        "tile_store_id": tile_attrs["store_id"],
-        "teacher": teacher,
-        "recipes": recipes,
-        "views": views,
-        "versions": versions(),
-        "created": now(),
-        "schema": FEATURES_SCHEMA,
-    })
-    return group
+    group.attrs.update(attrs.to_dict())
+    return Store(Path(path), group, attrs)
 
 
-def open_feature_store(path: Path, tiles: zarr.Group) -> zarr.Group:
-    """A finished feature store that belongs to ``tiles``; any other is refused with the reason."""
-    features = open_store(path, FEATURES_SCHEMA)
-    found, expected = features.attrs["tile_store_id"], tiles.attrs["store_id"]
-    if found != expected:
-        raise StoreError(f"{path} was computed from tile store {found}, not from this one ({expected}); rerun features for this tile store")
-    if features.attrs["n_rows"] != tiles.attrs["n_rows"]:
-        raise StoreError(f"{path} has {features.attrs['n_rows']} rows but the tile store has {tiles.attrs['n_rows']}; rerun features")
-    return features
-
-
-def open_store(path: Path, schema: str | None = None) -> zarr.Group:
-    """Open a finished pathdistill store read-only, or explain what is wrong with ``path``."""
+def open_store(path: Path, schema: str | None = None) -> Store:
+    """Open a finished pathdistill store read-only with typed attrs, or explain what is wrong with ``path``."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a Zarr store (no zarr.json); check the path, or run the stage that makes it")
@@ -128,9 +372,33 @@ def open_store(path: Path, schema: str | None = None) -> zarr.Group:
     found = group.attrs.get("schema")
     if found is None:
         raise StoreError(f"{path} has no pathdistill schema attribute: its creation was interrupted or it is not ours; rerun the stage with --overwrite")
+    if found not in ATTRS_OF_SCHEMA:
+        family = str(found).rpartition("/")[0]
+        known = [s for s in ATTRS_OF_SCHEMA if s.rpartition("/")[0] == family]
+        raise StoreError(
+            f"{path} holds schema {found!r}, which this pathdistill does not read"
+            + (f" (it reads {known[0]!r}): rerun the stage that made it with --overwrite, or use the pathdistill version that wrote it ({group.attrs.get('versions', {}).get('pathdistill', 'unknown')})" if known else "")
+        )
     if schema is not None and found != schema:
         raise StoreError(f"{path} holds schema {found!r}, expected {schema!r}")
-    return group
+    return Store(path, group, ATTRS_OF_SCHEMA[found].from_dict(dict(group.attrs), str(path)))
+
+
+def open_tile_store(path: Path) -> Store[TileStoreAttrs]:
+    return open_store(path, TILES_SCHEMA)
+
+
+def open_feature_store(path: Path, tiles: Store[TileStoreAttrs] | None = None) -> Store[FeatureStoreAttrs]:
+    """A feature store; given ``tiles``, one that belongs to it (any other is refused with the reason)."""
+    features = open_store(path, FEATURES_SCHEMA)
+    if tiles is None:
+        return features
+    found, expected = features.attrs.tile_store_id, tiles.attrs.store_id
+    if found != expected:
+        raise StoreError(f"{path} was computed from tile store {found}, not from this one ({expected}); rerun features for this tile store")
+    if features.attrs.n_rows != tiles.attrs.n_rows:
+        raise StoreError(f"{path} has {features.attrs.n_rows} rows but the tile store has {tiles.attrs.n_rows}; rerun features")
+    return features
 
 
 def write_rows(store_path: Path, start: int, columns: dict[str, np.ndarray]) -> None:
@@ -150,7 +418,7 @@ class UnitMarkers:
     """One JSON file per finished unit, beside the store, for resuming only what is missing."""
 
     def __init__(self, store_path: Path, store_id: str):
-        self.directory = Path(f"{store_path}.progress")
+        self.directory = progress_dir(store_path)
         self.store_id = store_id
 
     def done(self) -> set[int]:
@@ -167,11 +435,8 @@ class UnitMarkers:
     def mark(self, unit: int, record: dict) -> None:
         write_text_atomically(self.directory / f"unit-{unit:06d}.json", json.dumps({**record, "unit": unit, "store_id": self.store_id}))
 
-    def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 def remove_store(path: Path) -> None:
     """Delete a store and its markers (only on an explicit overwrite)."""
     shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(f"{path}.progress", ignore_errors=True)
+    shutil.rmtree(progress_dir(path), ignore_errors=True)

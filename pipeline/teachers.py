@@ -311,6 +311,14 @@ class LoadedTeacher:
     weights_sha256: str
     device: torch.device
 
+    @property
+    def widths(self) -> dict[str, int]:
+        return self.spec.widths
+
+    def provenance(self) -> dict:
+        """The spec and the hash of the weights: what a feature store records of its teacher."""
+        return {**self.spec.to_json(), "weights_sha256": self.weights_sha256}
+
     def embed(self, batch_uint8_nhwc: Tensor) -> dict[str, Tensor]:
         """Float32 ``[B, width]`` per recipe, from uint8 RGB tiles, with the teacher's own preprocessing."""
         return self.forward(self.preprocess(batch_uint8_nhwc))

@@ -14,8 +14,10 @@ import numpy as np
 import yaml
 
 from pipeline.config import Config
-from pipeline.stores import StoreConfig, UnitMarkers, create_feature_store, create_tile_store, new_store_id, unit_ranges, write_rows
-from pipeline.tiles.slide_tiles import FLAG_PADDED, FLAG_READ_FAILED
+from pipeline.stores import (
+    FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, SlideRecord, StoreConfig, Tiling, TileStoreAttrs, UnitMarkers,
+    create_feature_store, create_tile_store, unit_ranges, write_rows,
+)
 from pipeline.views import apply_view, expand_views
 
 TEACHERS = {"alpha": 40, "beta": 24}  # name -> width of its first recipe
@@ -44,6 +46,17 @@ def tissue_tiles(he_pixels: np.ndarray, count: int, side: int) -> np.ndarray:
     return np.ascontiguousarray(tissue[:count])
 
 
+def synthetic_slide(id: int, name: str, rows: tuple[int, int], status: str = "ok", path: str | None = None) -> SlideRecord:
+    """The record of a slide that exists only in a test store."""
+    return SlideRecord(id=id, name=name, path=path or f"synthetic/{name}", status=status, error=None if status == "ok" else "synthetic failure", rows=[int(rows[0]), int(rows[1])])
+
+
+def synthetic_tile_attrs(n_rows: int, tile_px: int, slides: list[SlideRecord], context_px: int = 0, store: StoreConfig | None = None, **labels) -> TileStoreAttrs:
+    """Tile store attrs for tiles at 0.5 um/px made by a test, not by the tile stage."""
+    config = Config.model_validate({"tiling": {"tile_px": tile_px, "context_px": context_px}, "store": (store or StoreConfig()).model_dump()})
+    return TileStoreAttrs.new(Tiling.from_config(config), slides, n_rows, **labels)
+
+
 def make_run(
     run_dir: Path, he_pixels: np.ndarray, tile_px: int = 64, context_px: int = 0, views: list[str] | None = None,
     teachers: dict[str, int] = TEACHERS,
@@ -57,24 +70,17 @@ def make_run(
     flags[list(PADDED_ROWS)] = FLAG_PADDED
     tiles[list(READ_FAILED_ROWS)] = 0
     starts = np.cumsum((0, *SLIDE_ROWS))
-    slides = [
-        {"id": i, "name": f"slide-{i}", "status": "ok", "rows": [int(s), int(e)]} for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))
-    ]
-    slides.insert(2, {"id": 9, "name": "unreadable", "status": "failed", "rows": [int(starts[2])] * 2})
+    slides = [synthetic_slide(i, f"slide-{i}", (s, e)) for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))]
+    slides.insert(2, synthetic_slide(9, "unreadable", (starts[2], starts[2]), status="failed"))
     slide_of_row = np.repeat(np.arange(len(SLIDE_ROWS), dtype=np.int32), SLIDE_ROWS)
-    tile_attrs = {
-        "store_id": new_store_id(),
-        "n_rows": n_rows,
-        "tiling": {"target_mpp": 0.5, "tile_px": tile_px, "context_px": context_px, "stored_px": stored_px, "mpp_tolerance": 0.05},
-        "slides": slides,
-    }
+    tile_attrs = synthetic_tile_attrs(n_rows, tile_px, slides, context_px, store)
     tile_path = run_dir / "tiles.zarr"
-    create_tile_store(tile_path, n_rows, stored_px, store, tile_attrs)
+    create_tile_store(tile_path, tile_attrs, store)
     write_rows(tile_path, 0, {
         "tiles": tiles, "coords": np.zeros((n_rows, 2), np.int64), "slide": slide_of_row,
         "tissue": np.ones(n_rows, np.float32), "flags": flags,
     })
-    mark_all(tile_path, tile_attrs["store_id"], n_rows)
+    mark_all(tile_path, tile_attrs.store_id, n_rows)
     view_records = expand_views(views or ["identity"], context_px, tile_px)
     targets = {}
     for seed, (teacher, width) in enumerate(teachers.items()):
@@ -82,9 +88,10 @@ def make_run(
         targets[teacher] = np.stack(per_view, axis=1).astype(np.float16)
         spec = {"name": teacher, "input_px": tile_px, "mean": [0.5] * 3, "std": [0.5] * 3, "target_mpp": 0.5, "stand_in": True}
         path = run_dir / "features" / f"{teacher}.zarr"
-        group = create_feature_store(path, tile_attrs, CHUNK_ROWS, SHARD_ROWS, store, spec, {"cls": width, "mean": 8}, view_records)
+        attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, view_records)
+        create_feature_store(path, attrs, CHUNK_ROWS, SHARD_ROWS, store)
         write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(view_records), 8), np.float16)})
-        mark_all(path, group.attrs["store_id"], n_rows)
+        mark_all(path, attrs.store_id, n_rows)
     return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}
 
 

@@ -44,8 +44,8 @@ def stream(batches, rows: int) -> np.ndarray:
 
 
 def test_split_holds_out_the_last_slides_and_skips_failed_ones(data):
-    assert [s["name"] for s in data.split.train] == ["slide-0", "slide-1", "slide-2"]
-    assert [s["name"] for s in data.split.val] == ["slide-3"]
+    assert [s.name for s in data.split.train] == ["slide-0", "slide-1", "slide-2"]
+    assert [s.name for s in data.split.val] == ["slide-3"]
     assert data.split.as_record()["val"] == [{"id": 3, "name": "slide-3", "rows": [300, 384]}]
     assert data.recipes == {"alpha": "cls", "beta": "cls"} and data.widths == {"alpha": 40, "beta": 24}
     lazy = data.lazy_targets()["alpha"]

@@ -24,7 +24,7 @@ from distill.train import learning_rate, run_distill
 from distill_run import config_for, make_run, write_config
 from pipeline.config import DistillConfig
 from pipeline.run_report import read_report
-from pipeline.stores import StoreError, open_feature_store, open_store
+from pipeline.stores import StoreError, open_feature_store, open_tile_store
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """
@@ -121,10 +121,10 @@ def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
 
     out = tmp_path / "student-embeddings.zarr"
     embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
-    tiles = open_store(run_dir / "tiles.zarr")
+    tiles = open_tile_store(run_dir / "tiles.zarr")
     store = open_feature_store(out, tiles)
-    assert store.attrs["recipes"] == {"embedding": 64} and store.attrs["views"] == [{"name": "identity"}]
-    assert store.attrs["teacher"]["stand_in"] is False and store.attrs["teacher"]["student"]["arch"] == "vit_tiny_patch16_224"
+    assert store.attrs.recipes == {"embedding": 64} and store.attrs.views == [{"name": "identity"}]
+    assert store.attrs.teacher["stand_in"] is False and store.attrs.teacher["student"]["arch"] == "vit_tiny_patch16_224"
     embeddings = zarr.open_array(str(out / "embedding"), mode="r")
     assert embeddings.shape == (384, 1, 64) and embeddings.dtype == np.float16 and embeddings.chunks[0] == 8
     rows = tiles["tiles"][40:48]
@@ -132,8 +132,14 @@ def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
     with torch.no_grad():
         expected = student.embed(pixels, dim=64).numpy()
     assert np.allclose(embeddings[40:48, 0].astype(np.float32), expected, atol=2e-2, rtol=1e-2)
-    with pytest.raises(StoreError, match="already exists"):
-        embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
+    again = embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
+    assert again.units_run == 0 and again.skipped == ["student:vit_tiny_patch16_224@64"]  # finished: left alone
+    (out.parent / f"{out.name}.progress" / "unit-000001.json").unlink()  # as if interrupted after unit 1's write
+    before = embeddings[:]
+    resumed = embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
+    assert resumed.units_run == 1 and resumed.rows_done == 32 and np.array_equal(zarr.open_array(str(out / "embedding"), mode="r")[:], before)
+    with pytest.raises(StoreError, match=r"computed differently:\n  - teacher: .*'dim': 64.*Use --overwrite"):
+        embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=32)
     with pytest.raises(ValueError, match=r"choose 1..192"):
         embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", tmp_path / "other.zarr", dim=400)
 

@@ -25,10 +25,10 @@ from distill.evaluate.probes import ProbeData, knn_probe, linear_probe, logistic
 from distill.evaluate.robustness import PairSet, pair_cosine, pair_top_k, paired_folder, proxy_pairs, rescan, restain, robustness
 from distill.standardize import fit_standardizer
 from distill.student import NestedHeads, Student
-from distill_run import make_run
+from distill_run import make_run, synthetic_slide, synthetic_tile_attrs
 from pipeline.config import Config, EvalDatasetConfig, EvaluateConfig, StoreConfig, load_config
-from pipeline.stores import create_feature_store, create_tile_store, new_store_id, write_rows
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, resize_area
+from pipeline.stores import FLAG_READ_FAILED, FeatureStoreAttrs, create_feature_store, create_tile_store, open_tile_store, write_rows
+from pipeline.geometry import resize_area
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(img_size=32, depth=2)  # vit_tiny: D = 192
@@ -266,12 +266,11 @@ def labelled_tile_store(path: Path, crops: np.ndarray, per_split: dict[str, int]
     crops = crops[: len(split_of_crop)]
     tiles = np.concatenate([crops, recoloured(crops)])
     n = len(tiles)
-    attrs = {"store_id": new_store_id(), "n_rows": n, "tiling": {"target_mpp": 0.5, "tile_px": CROP}, "slides": []}
-    group = create_tile_store(path, n, CROP, StoreConfig(chunk_rows=20, shard_rows=200), attrs)
+    store = StoreConfig(chunk_rows=20, shard_rows=200)
+    group = create_tile_store(path, synthetic_tile_attrs(n, CROP, [], store=store, label_names=["he", "recoloured"]), store).group
     write_rows(path, 0, {"tiles": tiles, "flags": np.zeros(n, np.uint8)})
     group.create_array("label", data=np.repeat([0, 1], len(crops)).astype(np.int32))
     group.create_array("split", data=np.tile(split_of_crop, 2).astype(np.uint8))
-    group.attrs["label_names"] = ["he", "recoloured"]
     return path
 
 
@@ -281,15 +280,15 @@ def test_a_feature_store_stands_in_for_its_model_on_its_tile_store(tmp_path, cro
     assert dataset.classes == ("he", "recoloured") and dataset.images.mpp == 0.5
     student = StudentEmbedder(student_dir)
     z = cached_embeddings(student, dataset.images, tmp_path / "cache", 64).outputs["z"]
-    tile_attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+    tile_attrs = open_tile_store(store).attrs
     teacher = {"name": "student-copy", "stand_in": True}
-    create_feature_store(tmp_path / "features.zarr", tile_attrs, 20, 200, StoreConfig(), teacher, {"embedding": 192}, [{"name": "identity"}])
+    create_feature_store(tmp_path / "features.zarr", FeatureStoreAttrs.new(tile_attrs, teacher, {"embedding": 192}, [{"name": "identity"}]), 20, 200, StoreConfig())
     write_rows(tmp_path / "features.zarr", 0, {"embedding": z[:, None].astype(np.float16)})
     stored = StoredFeatures(tmp_path / "features.zarr")
     assert stored.name == "student-copy (stored)" and stored.tile_store_id == dataset.images.store_id
     assert np.allclose(stored.rows(dataset.images).outputs["embedding"], z, atol=1e-2, rtol=1e-3)
     unlabelled = tmp_path / "unlabelled.zarr"
-    create_tile_store(unlabelled, 2, CROP, StoreConfig(chunk_rows=2, shard_rows=2), {**tile_attrs, "store_id": new_store_id()})
+    create_tile_store(unlabelled, synthetic_tile_attrs(2, CROP, []), StoreConfig(chunk_rows=2, shard_rows=2))
     with pytest.raises(EvaluateError, match="has no 'label' array"):
         open_labelled(EvalDatasetConfig(name="bare", kind="tile_store", path=unlabelled))
     with pytest.raises(EvaluateError, match=r"mpp 1.0 is declared but the store's tiles are at 0.5"):
@@ -304,14 +303,11 @@ def demo_like_store(run_dir: Path, crops: np.ndarray) -> Path:
     (slides_dir / "SOURCES.json").write_text(json.dumps({name: {"inputs": {"source": {"member": member}}} for name, member in sources.items()}))
     counts = (50, 70, 60)
     starts = np.cumsum((0, *counts))
-    slides = [
-        {"id": i, "name": Path(name).stem, "path": str(slides_dir / name), "status": "ok", "rows": [int(starts[i]), int(starts[i + 1])]}
-        for i, name in enumerate(sources)
-    ]
+    slides = [synthetic_slide(i, Path(name).stem, (starts[i], starts[i + 1]), path=str(slides_dir / name)) for i, name in enumerate(sources)]
     n = int(starts[-1])
-    attrs = {"store_id": new_store_id(), "n_rows": n, "tiling": {"target_mpp": 0.5, "tile_px": CROP}, "slides": slides, "versions": {}}
     path = run_dir / "tiles.zarr"
-    create_tile_store(path, n, CROP, StoreConfig(chunk_rows=10, shard_rows=40), attrs)
+    store = StoreConfig(chunk_rows=10, shard_rows=40)
+    create_tile_store(path, synthetic_tile_attrs(n, CROP, slides, store=store), store)
     tiles = np.concatenate([crops[:120], recoloured(crops[:60])])
     write_rows(path, 0, {"tiles": tiles, "slide": np.repeat(np.arange(3, dtype=np.int32), counts), "flags": np.zeros(n, np.uint8)})
     return path
@@ -382,9 +378,9 @@ def test_evaluate_writes_json_table_and_plots(tmp_path, crops, student_dir):
     root = write_imagefolder(tmp_path / "small", {"he": crops, "recoloured": recoloured(crops)}, small)
     store = labelled_tile_store(tmp_path / "labelled.zarr", crops, small)
     # a feature store computed earlier for the labelled tile store: each tile's mean colour
-    tile_group = zarr.open_group(str(store), mode="r")
+    tile_group = open_tile_store(store)
     colour = tmp_path / "colour.zarr"
-    create_feature_store(colour, dict(tile_group.attrs), 20, 200, StoreConfig(), {"name": "colour"}, {"mean": 3}, [{"name": "identity"}])
+    create_feature_store(colour, FeatureStoreAttrs.new(tile_group.attrs, {"name": "colour"}, {"mean": 3}, [{"name": "identity"}]), 20, 200, StoreConfig())
     write_rows(colour, 0, {"mean": tile_group["tiles"][:].mean(axis=(1, 2))[:, None].astype(np.float16)})
     settings = EvaluateConfig(
         datasets=[EvalDatasetConfig(name="small", kind="imagefolder", path=root, mpp=0.5), EvalDatasetConfig(name="store", kind="tile_store", path=store)],

@@ -120,7 +120,7 @@ def test_non_finite_outputs_are_refused_naming_teacher_and_rows(tiled_run, tmp_p
     save_file(poisoned, str(weights))
     config = Config.model_validate({**tiled_run, "run": str(tmp_path / "run"), "features": {**tiled_run["features"], "weights": {"demo-vit": str(weights)}}})
     run_tiles(config)
-    with pytest.raises(Exception, match=r"teacher 'demo-vit' recipe 'cls' gave NaN/Inf .* rows \[0, 1, 2"):
+    with pytest.raises(Exception, match=r"'demo-vit' recipe 'cls' gave NaN/Inf .* rows \[0, 1, 2"):
         run_features(config, ["demo-vit"])
     assert not list((tmp_path / "run" / "features").glob("demo-vit.zarr.progress/unit-*.json"))
 
@@ -143,7 +143,7 @@ def test_killed_worker_is_retried_and_killed_driver_resumes_to_identical_stores(
         return process
 
     process = start_and_wait_for_markers(1)
-    actors = [p for p in psutil.Process(process.pid).children(recursive=True) if "TeacherWorker" in " ".join(p.cmdline())]
+    actors = [p for p in psutil.Process(process.pid).children(recursive=True) if "EmbedWorker" in " ".join(p.cmdline())]
     assert len(actors) == 1, [p.cmdline() for p in psutil.Process(process.pid).children(recursive=True)]
     actors[0].kill()
     assert process.wait(timeout=300) == 0, process.stderr.read()

@@ -63,7 +63,7 @@ def test_removing_a_node_mid_run_still_gives_the_local_store(tmp_path, reference
     while not list(markers.glob("unit-*.json")):
         assert running.is_alive() and time.monotonic() < deadline, f"no unit finished: {errors}"
         time.sleep(0.05)
-    actor_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "TeacherWorker"), ("state", "=", "ALIVE")])}
+    actor_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "EmbedWorker"), ("state", "=", "ALIVE")])}
     (victim, *_) = [node for node in cluster.worker_nodes if node.node_id in actor_nodes]
     finished_before_removal = len(list(markers.glob("unit-*.json")))
     cluster.remove_node(victim)

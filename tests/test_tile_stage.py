@@ -17,11 +17,11 @@ import zarr
 
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.run_report import read_report
-from pipeline.stores import StoreError
-from pipeline.tiles.stage import run_tiles
-from pipeline.geometry import ReadPlan
+from pipeline.geometry import ReadPlan, resize_area
+from pipeline.stores import FLAG_READ_FAILED, StoreError
+from pipeline.tiles.slide_tiles import read_tiles
 from pipeline.tiles.slides import SlideReader
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, read_tiles, resize_area
+from pipeline.tiles.stage import run_tiles
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -47,9 +47,9 @@ def test_real_svs_gives_the_grid_count(tmp_path, real_svs):
     full = run_tiles(config(tmp_path / "a", [real_svs], min_fraction=0.0))
     assert full.n_rows == 9 * 13
     record = full.slides[0]
-    assert (record["mpp"], record["mpp_source"], record["read"]["resized"]) == (0.499, "openslide.mpp-x", False)
+    assert (record.mpp, record.mpp_source, record.read["resized"]) == (0.499, "openslide.mpp-x", False)
     coarse = run_tiles(config(tmp_path / "b", [real_svs], min_fraction=0.0, target_mpp=1.0))
-    assert coarse.n_rows == 4 * 6 and coarse.slides[0]["read"]["read_px"] == 449
+    assert coarse.n_rows == 4 * 6 and coarse.slides[0].read["read_px"] == 449
     stored = arrays(tmp_path / "b" / "tiles.zarr")
     assert stored["tiles"].shape == (24, 224, 224, 3)
     assert stored["coords"][:, 0].max() == 3 * 449 and not stored["flags"].any()
@@ -69,10 +69,10 @@ def test_lower_level_read_equals_level0_area_resize(tmp_path, slide_factory):
     for target, factor in ((0.5, 2), (0.75, 3)):
         summary = run_tiles(config(tmp_path / str(target), [slide], target_mpp=target, tile_px=128, min_fraction=0.0))
         record = summary.slides[0]
-        assert record["read"]["level"] == 1 and record["read"]["resized"] == (target == 0.75)
+        assert record.read["level"] == 1 and record.read["resized"] == (target == 0.75)
         stored = arrays(tmp_path / str(target) / "tiles.zarr")
         with SlideReader(slide) as reader:
-            again, _ = read_tiles(reader, ReadPlan(**record["read"]), stored["coords"], tuple(record["dimensions"]))
+            again, _ = read_tiles(reader, ReadPlan(**record.read), stored["coords"], tuple(record.dimensions))
             assert np.array_equal(again, stored["tiles"])  # one call over all rows = units of 32 rows
             textured = np.argsort(stored["tiles"].reshape(summary.n_rows, -1).std(axis=1))[-3:]
             for row in textured:
@@ -99,8 +99,8 @@ def test_each_bad_input_is_recorded_and_the_rest_finishes(tmp_path, slide_factor
     no_mpp = slide_factory("no_mpp.tiff", he_pixels[TISSUE], mpp=None, levels=2)
     slides = [good, bad / "random.svs", bad / "notes.tiff", bad / "truncated.svs", blank, tiny, no_mpp, bad / "missing.svs"]
     summary = run_tiles(config(tmp_path / "run", slides))
-    status = {Path(s["path"]).name: (s["status"], s["error"] or "") for s in summary.slides}
-    assert status["good.tiff"][0] == "ok" and summary.n_rows == summary.slides[0]["n_tiles"] > 0
+    status = {Path(s.path).name: (s.status, s.error or "") for s in summary.slides}
+    assert status["good.tiff"][0] == "ok" and summary.n_rows == summary.slides[0].n_tiles > 0
     expected_reasons = {
         "random.svs": "OpenSlide cannot open",
         "notes.tiff": "OpenSlide cannot open",
@@ -115,12 +115,12 @@ def test_each_bad_input_is_recorded_and_the_rest_finishes(tmp_path, slide_factor
     failures = {Path(f["path"]).name for f in read_report(tmp_path / "run")[-1]["failures"]}
     assert failures == set(expected_reasons)
     store_slides = zarr.open_group(str(tmp_path / "run" / "tiles.zarr"), mode="r").attrs["slides"]
-    assert [s["status"] for s in store_slides] == [s["status"] for s in summary.slides]
+    assert [s["status"] for s in store_slides] == [s.status for s in summary.slides]
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"path,mpp\n{no_mpp},0.5\n")
     overridden = run_tiles(config(tmp_path / "override", [manifest]))
-    assert overridden.slides[0]["status"] == "ok" and overridden.slides[0]["mpp_source"] == "override"
+    assert overridden.slides[0].status == "ok" and overridden.slides[0].mpp_source == "override"
 
 
 def test_a_region_that_fails_to_read_is_blank_and_flagged(tmp_path, slide_factory, he_pixels):
@@ -133,7 +133,7 @@ def test_a_region_that_fails_to_read_is_blank_and_flagged(tmp_path, slide_factor
         handle.seek(offset)
         handle.write(b"\0" * count)
     summary = run_tiles(config(tmp_path / "run", [slide], tile_px=128, min_fraction=0.0))
-    assert summary.slides[0]["status"] == "ok" and summary.n_rows == 64
+    assert summary.slides[0].status == "ok" and summary.n_rows == 64
     stored = arrays(tmp_path / "run" / "tiles.zarr")
     flagged = (stored["flags"] & FLAG_READ_FAILED).astype(bool)
     inside_damaged = np.all((stored["coords"] >= 256) & (stored["coords"] < 512), axis=1)

@@ -20,8 +20,7 @@ import zarr
 from PIL import Image
 
 from pipeline.config import EvalDatasetConfig
-from pipeline.stores import TILES_SCHEMA, StoreError, open_store
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
+from pipeline.stores import FLAG_READ_FAILED, StoreError, open_tile_store
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -176,12 +175,12 @@ def _images_in(folder: Path, name: str) -> list[Path]:
 
 def _open_tile_store(entry: EvalDatasetConfig) -> LabelledSet:
     try:
-        group = open_store(entry.path, TILES_SCHEMA)
+        group = open_tile_store(entry.path)
     except StoreError as error:
         raise EvaluateError(f"dataset {entry.name!r}: {error}") from error
-    if "label" not in group.array_keys():
+    if "label" not in group.array_names():
         raise EvaluateError(f"dataset {entry.name!r}: tile store {entry.path} has no 'label' array; add an int array 'label' [N] (-1: unlabelled), and attrs 'label_names' (and 'label_rule', how labels were made)")
-    store_mpp = group.attrs["tiling"]["target_mpp"]
+    store_mpp = group.attrs.tiling.target_mpp
     if entry.mpp is not None and not np.isclose(entry.mpp, store_mpp, rtol=1e-3):
         raise EvaluateError(f"dataset {entry.name!r}: mpp {entry.mpp} is declared but the store's tiles are at {store_mpp} um/px; remove mpp from the entry")
     labels = group["label"][:].astype(np.int64)
@@ -193,7 +192,7 @@ def _open_tile_store(entry: EvalDatasetConfig) -> LabelledSet:
                 splits[int(item)] = split
         except (ValueError, IndexError) as error:
             raise EvaluateError(f"dataset {entry.name!r}: items of {entry.split_file} must be row numbers below {len(labels)} ({error})") from error
-    elif "split" in group.array_keys():
+    elif "split" in group.array_names():
         codes = group["split"][:]
         if codes.max(initial=0) >= len(SPLITS):
             raise EvaluateError(f"dataset {entry.name!r}: 'split' array of {entry.path} holds {codes.max()}; use 0 train, 1 val, 2 test")
@@ -202,10 +201,10 @@ def _open_tile_store(entry: EvalDatasetConfig) -> LabelledSet:
         raise EvaluateError(f"dataset {entry.name!r}: tile store {entry.path} has no 'split' array (uint8: 0 train, 1 val, 2 test); add one or set split_file")
     readable = (group["flags"][:] & FLAG_READ_FAILED) == 0
     rows = np.flatnonzero((labels >= 0) & (splits != "") & readable)
-    classes = tuple(group.attrs.get("label_names") or [str(i) for i in range(labels.max() + 1)])
-    digest = hashlib.sha256(f"{group.attrs['store_id']}|{store_mpp}|".encode() + rows.tobytes() + "|".join(splits[rows]).encode())
-    images = StoreTiles(entry.name, store_mpp, entry.path, rows, group.attrs["store_id"], digest.hexdigest())
-    rule = group.attrs.get("label_rule")
+    classes = tuple(group.attrs.label_names or [str(i) for i in range(labels.max() + 1)])
+    digest = hashlib.sha256(f"{group.attrs.store_id}|{store_mpp}|".encode() + rows.tobytes() + "|".join(splits[rows]).encode())
+    images = StoreTiles(entry.name, store_mpp, entry.path, rows, group.attrs.store_id, digest.hexdigest())
+    rule = group.attrs.label_rule
     return LabelledSet(images, classes, labels[rows], splits[rows].astype(str), (f"labels: {rule}",) if rule else ())
 
 

@@ -9,19 +9,20 @@ accuracy falls off as the student's width shrinks; it is not a benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import zarr
 
-from distill.evaluate.datasets import EvaluateError, SPLITS
+from distill.evaluate.datasets import SPLITS, EvaluateError
 from pipeline.config import EvalDatasetConfig, StoreConfig
-from pipeline.demo.slides import SOURCES_FILE
-from pipeline.stores import TILES_SCHEMA, StoreError, create_tile_store, new_store_id, now, open_store, write_rows
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
+from pipeline.stores import (
+    DEMO_SOURCES_FILE, FLAG_READ_FAILED, RunDir, SlideRecord, Store, StoreError, TileStoreAttrs, create_tile_store,
+    open_tile_store, write_rows,
+)
 
 NAME = "demo-specimen"
 TILES_PER_CLASS = 100
@@ -38,13 +39,13 @@ LABEL_RULE = (
 
 def demo_dataset(run_dir: Path) -> EvalDatasetConfig:
     """The entry for the demo set, built from RUN/tiles.zarr into RUN/evaluate/ unless already there."""
-    source_path = run_dir / "tiles.zarr"
-    path = run_dir / "evaluate" / f"{NAME}.zarr"
+    run = RunDir(run_dir)
+    source_path, path = run.tiles, run.evaluate / f"{NAME}.zarr"
     try:
-        source = open_store(source_path, TILES_SCHEMA)
+        source = open_tile_store(source_path)
     except StoreError as error:
         raise EvaluateError(f"evaluate.datasets is empty, so the demo set is made from {source_path}, but: {error}; or list labelled sets under evaluate.datasets") from error
-    built = (path / "zarr.json").is_file() and open_store(path, TILES_SCHEMA).attrs.get("derived_from") == _derivation(source)
+    built = (path / "zarr.json").is_file() and open_tile_store(path).attrs.derived_from == _derivation(source)
     if not built:
         build_demo_set(source_path, path)
     return EvalDatasetConfig(name=NAME, kind="tile_store", path=path)
@@ -52,8 +53,8 @@ def demo_dataset(run_dir: Path) -> EvalDatasetConfig:
 
 def build_demo_set(source_path: Path, path: Path) -> Path:
     """A tile store of the chosen rows with 'label' and 'split' arrays, written whole, then moved in place."""
-    source = open_store(source_path, TILES_SCHEMA)
-    class_of_slide = _source_images(source.attrs["slides"])
+    source = open_tile_store(source_path)
+    class_of_slide = _source_images(source.attrs.slides)
     names = sorted(set(class_of_slide.values()))
     if len(names) < 2:
         raise EvaluateError(f"{source_path} holds tiles of one source image ({names}); the demo set needs both demo sources: run `make tiles` on data/demo")
@@ -71,21 +72,15 @@ def build_demo_set(source_path: Path, path: Path) -> Path:
     order = np.argsort(rows_cat)  # store order keeps each slide's rows contiguous
     rows_cat, splits_cat = rows_cat[order], splits_cat[order]
     columns = {name: source[name].oindex[rows_cat] for name in ("tiles", "coords", "slide", "tissue", "flags")}
-    attrs = {
-        **{key: source.attrs[key] for key in ("tiling", "versions")},
-        "store_id": new_store_id(),
-        "n_rows": len(rows_cat),
-        "slides": _slides_of_subset(source.attrs["slides"], columns["slide"]),
-        "created": now(),
-        "label_names": names,
-        "label_rule": LABEL_RULE,
-        "derived_from": _derivation(source),
-    }
+    attrs = TileStoreAttrs.new(
+        source.attrs.tiling, _slides_of_subset(source.attrs.slides, columns["slide"]), len(rows_cat),
+        label_names=names, label_rule=LABEL_RULE, derived_from=_derivation(source),
+    )
     temporary = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     chunk_rows = source["tiles"].chunks[0]
     store = StoreConfig(chunk_rows=chunk_rows, shard_rows=chunk_rows * -(-len(rows_cat) // chunk_rows))
-    group = create_tile_store(temporary, len(rows_cat), columns["tiles"].shape[1], store, attrs)
+    group = create_tile_store(temporary, attrs, store).group
     group.create_array("label", data=label_of_row[rows_cat].astype(np.int32), dimension_names=["row"])
     group.create_array("split", data=splits_cat.astype(np.uint8), dimension_names=["row"])
     write_rows(temporary, 0, columns)
@@ -94,31 +89,31 @@ def build_demo_set(source_path: Path, path: Path) -> Path:
     return path
 
 
-def _source_images(slides: list[dict]) -> dict[int, str]:
+def _source_images(slides: list[SlideRecord]) -> dict[int, str]:
     """Slide id -> file name of the real image the slide was made from, per SOURCES.json beside it."""
     found = {}
     for slide in slides:
-        if slide["status"] != "ok":
+        if not slide.ok:
             continue
-        sources_file = Path(slide["path"]).parent / SOURCES_FILE
+        sources_file = Path(slide.path).parent / DEMO_SOURCES_FILE
         if not sources_file.is_file():
-            raise EvaluateError(f"slide {slide['path']} has no {SOURCES_FILE} beside it, so it is not a demo slide: list labelled sets under evaluate.datasets")
-        entry = json.loads(sources_file.read_text()).get(Path(slide["path"]).name)
+            raise EvaluateError(f"slide {slide.path} has no {DEMO_SOURCES_FILE} beside it, so it is not a demo slide: list labelled sets under evaluate.datasets")
+        entry = json.loads(sources_file.read_text()).get(Path(slide.path).name)
         if entry is None:
-            raise EvaluateError(f"{sources_file} does not list {Path(slide['path']).name}: rebuild the demo slides (`python cli.py demo-data`)")
-        found[slide["id"]] = Path(entry["inputs"]["source"]["member"]).name
+            raise EvaluateError(f"{sources_file} does not list {Path(slide.path).name}: rebuild the demo slides (`python cli.py demo-data`)")
+        found[slide.id] = Path(entry["inputs"]["source"]["member"]).name
     return found
 
 
-def _slides_of_subset(slides: list[dict], slide_of_row: np.ndarray) -> list[dict]:
+def _slides_of_subset(slides: list[SlideRecord], slide_of_row: np.ndarray) -> list[SlideRecord]:
     """The slide records with rows [start, end) and n_tiles of the subset."""
     records = []
     for slide in slides:
-        held = np.flatnonzero(slide_of_row == slide["id"])
+        held = np.flatnonzero(slide_of_row == slide.id)
         rows = [int(held[0]), int(held[-1]) + 1] if len(held) else [0, 0]
-        records.append({**slide, "rows": rows, "n_tiles": len(held)})
+        records.append(dataclasses.replace(slide, rows=rows, n_tiles=len(held)))
     return records
 
 
-def _derivation(source: zarr.Group) -> dict:
-    return {"store_id": source.attrs["store_id"], "rule": LABEL_RULE, "splits": list(SPLITS)}
+def _derivation(source: Store[TileStoreAttrs]) -> dict:
+    return {"store_id": source.attrs.store_id, "rule": LABEL_RULE, "splits": list(SPLITS)}

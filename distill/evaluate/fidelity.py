@@ -40,7 +40,7 @@ def fidelity(run_dir: Path, student_dir: Path, rows: int | None) -> dict:
         data = open_distill_data(run_dir, settings)
     except (StoreError, ConfigError) as error:
         return {"skipped": f"the run's stores cannot be read for the held-out slides: {error}"}
-    if data.tile_store_id != record["tile_store_id"] or [slide["name"] for slide in data.split.val] != held_out:
+    if data.tile_store_id != record["tile_store_id"] or [slide.name for slide in data.split.val] != held_out:
         return {"skipped": f"{data.tile_path} is not the tile store the student was distilled from (store {record['tile_store_id']}, held out {held_out})"}
     heads, standardizers = load_heads(student_dir)
     model = Distiller(load_student(student_dir), heads, standardizers, record["mean"], record["std"], settings)

@@ -26,13 +26,13 @@ from PIL import Image
 from torch import Tensor
 
 from distill.data import student_pixels
-from distill.export import load_student, read_student_json
 from distill.evaluate.datasets import EvaluateError, ImageSource, StoreTiles
-from pipeline.files import atomic_path
+from distill.export import load_student, read_student_json
 from pipeline.console import progress_bar
-from pipeline.stores import FEATURES_SCHEMA, StoreError, open_store
+from pipeline.files import atomic_path
+from pipeline.geometry import resize_area
+from pipeline.stores import StoreError, open_feature_store
 from pipeline.teachers import TEACHERS, UnknownTeacherError, build_teacher, get_teacher
-from pipeline.tiles.slide_tiles import resize_area
 
 
 class Embedder(Protocol):
@@ -95,8 +95,7 @@ class TeacherEmbedder:
         self.name, self.stand_in = spec.name, spec.stand_in
         self.mpp, self.tile_px = spec.target_mpp, spec.input_px
         self.widths = {recipe: [width] for recipe, width in spec.widths.items()}
-        provenance = {**spec.to_json(), "weights_sha256": self.teacher.weights_sha256}
-        self.identity = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()
+        self.identity = hashlib.sha256(json.dumps(self.teacher.provenance(), sort_keys=True).encode()).hexdigest()
 
     def embed(self, tiles: Tensor) -> dict[str, Tensor]:
         return self.teacher.embed(tiles)
@@ -116,20 +115,20 @@ class StoredFeatures:
 
     def __init__(self, path: Path):
         try:
-            group = open_store(path, FEATURES_SCHEMA)
+            attrs = open_feature_store(path).attrs
         except StoreError as error:
             raise EvaluateError(f"evaluate.feature_stores: {error}") from error
-        views = group.attrs["views"]
+        views = attrs.views
         if {"name": "identity"} not in views:
             raise EvaluateError(f"feature store {path} has no identity view (views: {views}); compute features with the identity view")
-        teacher = group.attrs["teacher"]
+        teacher = attrs.teacher
         self.path, self.view = Path(path), views.index({"name": "identity"})
         self.name, self.stand_in = f"{teacher['name']} (stored)", bool(teacher.get("stand_in"))
-        self.identity, self.tile_store_id = group.attrs["store_id"], group.attrs["tile_store_id"]
-        self.widths = {recipe: [width] for recipe, width in group.attrs["recipes"].items()}
+        self.identity, self.tile_store_id = attrs.store_id, attrs.tile_store_id
+        self.widths = {recipe: [width] for recipe, width in attrs.recipes.items()}
 
     def rows(self, tiles: StoreTiles) -> Embeddings:
-        group = open_store(self.path, FEATURES_SCHEMA)
+        group = open_feature_store(self.path)
         outputs = {recipe: group[recipe].oindex[tiles.rows, self.view].astype(np.float32) for recipe in self.widths}
         return Embeddings(outputs, np.full(len(tiles), tiles.mpp))
 

@@ -21,34 +21,36 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from distill.evaluate.demo_set import demo_dataset
-from distill.evaluate.models import Embedder, Embeddings, StoredFeatures, StudentEmbedder, TeacherEmbedder, cached_embeddings, check_teacher_names
-from distill.evaluate.report import classification_table, write_markdown, write_plots
-from distill.evaluate.fidelity import fidelity
 from distill.evaluate.datasets import EvaluateError, LabelledSet, StoreTiles, open_labelled
+from distill.evaluate.demo_set import demo_dataset
+from distill.evaluate.fidelity import fidelity
+from distill.evaluate.models import (
+    Embedder, Embeddings, StoredFeatures, StudentEmbedder, TeacherEmbedder, cached_embeddings, check_teacher_names,
+)
 from distill.evaluate.probes import ProbeData, retrieval_accuracy, run_probes
+from distill.evaluate.report import classification_table, write_markdown, write_plots
 from distill.evaluate.robustness import PairSet, paired_folder, proxy_pairs, robustness
 from pipeline.config import Config, EvaluateConfig
-from pipeline.files import write_text_atomically
 from pipeline.console import results, table
+from pipeline.files import write_text_atomically
+from pipeline.geometry import same_mpp
 from pipeline.run_report import append_stage_record
-from pipeline.stores import now
+from pipeline.stores import RunDir, now
 
 __all__ = ["EvaluateError", "print_summary", "run_evaluate"]
 
 SCHEMA = "pathdistill.evaluate/1"
-MPP_TOLERANCE = 0.05  # relative difference between the mpp a model expects and the mpp it saw, noted beyond this
 
 
 def run_evaluate(config: Config) -> dict:
     """Evaluate the student and the teachers; write RUN/evaluate/ and return what evaluate.json holds."""
     started = time.perf_counter()
     settings = config.evaluate
-    run_dir = config.run.resolve()
-    out_dir = run_dir / "evaluate"
+    run = RunDir.of(config)
+    run_dir, out_dir = run.root, run.evaluate
     # Every input is checked before the first model runs.
     datasets = [open_labelled(entry) for entry in settings.datasets or [demo_dataset(run_dir)]]
-    student_dir = settings.student or run_dir / "student"
+    student_dir = settings.student or run.student
     student = StudentEmbedder(student_dir, settings.dims)
     teachers = settings.teachers if settings.teachers is not None else config.features.teachers
     check_teacher_names(teachers)
@@ -106,7 +108,7 @@ def run_evaluate(config: Config) -> dict:
 
 def print_summary(result: dict) -> None:
     """The classification table and where everything else is, for the terminal."""
-    out_dir = Path(result["run"]) / "evaluate"
+    out_dir = RunDir(Path(result["run"])).evaluate
     results.print(table(f"evaluate: {', '.join(d['name'] for d in result['datasets'])} (test split)", *classification_table(result)))
     results.print(f"robustness, fidelity and every table: {out_dir / 'evaluate.md'}; JSON: {out_dir / 'evaluate.json'}; plots: {out_dir / 'plots'}")
 
@@ -122,7 +124,7 @@ def _classify(name: str, widths: dict[str, list[int]], dataset: LabelledSet, emb
     """Probe and retrieval scores of each output of a model at each of its evaluated widths."""
     seen = [float(embeddings.seen_mpp.min()), float(embeddings.seen_mpp.max())]
     notes = []
-    if model_mpp is not None and max(abs(mpp / model_mpp - 1) for mpp in seen) > MPP_TOLERANCE:
+    if model_mpp is not None and not all(same_mpp(model_mpp, mpp) for mpp in seen):
         notes.append(f"images smaller than the model's field of view: seen at {seen[0]:.3g}-{seen[1]:.3g} um/px, not {model_mpp}")
     records = []
     for output, dims in widths.items():

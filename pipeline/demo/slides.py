@@ -28,9 +28,9 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.files import atomic_path, sha256_file, write_text_atomically
+from pipeline.stores import DEMO_SOURCES_FILE
 
 DEFAULT_DEST_DIR = Path("data/demo")  # where the CLI puts them
-SOURCES_FILE = "SOURCES.json"
 REAL_SLIDE_NAME = "cmu_small_region.svs"
 
 
@@ -229,7 +229,7 @@ def make_demo_slides(dest_dir: Path, seed: int = 0) -> list[Path]:
     """
     # The real slide doubles as the source of its crops; the PNG is no slide, so it stays hidden.
     source_paths = {CMU_SVS: dest_dir / REAL_SLIDE_NAME, TIA_PNG: dest_dir / ".sources" / "target_image.png"}
-    record_path = dest_dir / SOURCES_FILE
+    record_path = dest_dir / DEMO_SOURCES_FILE
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
 
     def produce(path: Path, inputs: dict, build: Callable[[Path], object]) -> Path:
@@ -406,8 +406,3 @@ def _describe_slide(path: Path) -> dict:
             "levels": slide.level_count,
             "sha256": sha256_file(path),
         }
-
-
-def _copy_atomically(src: Path, dest: Path) -> None:
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)

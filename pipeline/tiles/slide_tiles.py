@@ -7,7 +7,6 @@ tile's pixels do not depend on how rows were split into units (a rerun gives ide
 
 from __future__ import annotations
 
-import functools
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,11 @@ from PIL import Image, ImageDraw
 from skimage import segmentation
 
 from pipeline.config import TilingConfig, TissueConfig
-from pipeline.geometry import ReadPlan, plan_read, read_mpp, tile_grid
+from pipeline.geometry import ReadPlan, plan_read, read_mpp, resize_area, tile_grid
+from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, SlideRecord
 from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource, content_hash
 from pipeline.tiles.tissue import read_overview, tissue_fractions, tissue_mask
 
-FLAG_READ_FAILED = 1  # the region could not be read; the tile is blank (zeros)
-FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels are white
 BLOCK_CELLS = (4, 8)  # grid rows x columns read with one OpenSlide call
 
 
@@ -35,13 +33,13 @@ class SlideSkipped(Exception):
 class SlidePlan:
     """What the tile stage learns of one slide before reading pixels."""
 
-    record: dict
+    record: SlideRecord
     coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
     tissue: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @property
     def ok(self) -> bool:
-        return self.record["status"] == "ok"
+        return self.record.ok
 
 
 def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
@@ -63,7 +61,7 @@ def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: Ti
     except Exception as error:  # noqa: BLE001 - one slide's failure must not stop the run
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc(limit=5)
-    return SlidePlan(record)
+    return SlidePlan(SlideRecord(**record))
 
 
 def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
@@ -99,7 +97,7 @@ def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, til
     if not keep.any():
         raise SlideSkipped(f"no tissue: no tile reaches tissue fraction {tissue.min_fraction} (tissue covers {mask.mean():.1%} of the overview)")
     record.update(status="ok", n_tiles=int(keep.sum()))
-    return SlidePlan(record, coords[keep], fractions[keep])
+    return SlidePlan(SlideRecord(**record), coords[keep], fractions[keep])
 
 
 def draw_qc(path: Path, overview: np.ndarray, mask: np.ndarray, kept0: np.ndarray, plan: ReadPlan, level0_per_px: float) -> Path:
@@ -162,26 +160,3 @@ def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, 
 def _reaches_outside(level_xy: np.ndarray, region: int, plan: ReadPlan, dimensions: tuple[int, int]) -> np.ndarray:
     extent = np.array(dimensions) / plan.level_downsample
     return (level_xy < 0).any(1) | (level_xy + region > extent).any(1)
-
-
-def resize_area(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Area-filtered resize of a square RGB tile to ``size`` px: each source pixel weighs by the part
-    of it that an output pixel covers. PIL's BOX samples pixel centres instead, which is area only
-    for whole-number factors, so PIL's ``reduce`` serves those and separable taps the others."""
-    source = pixels.shape[0]
-    if source % size == 0:
-        return np.asarray(Image.fromarray(pixels).reduce(source // size))
-    index, weight = area_taps(source, size)
-    columns = (pixels[index].astype(np.float32) * weight[:, :, None, None]).sum(axis=1)  # [size, source, 3]
-    resized = (columns[:, index] * weight[None, :, :, None]).sum(axis=2)  # [size, size, 3]
-    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
-
-
-@functools.lru_cache(maxsize=16)
-def area_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each output pixel, the source pixels it overlaps and their weights (overlap / output width)."""
-    scale = source / target
-    lows = np.arange(target)[:, None] * scale
-    index = np.floor(lows).astype(np.int64) + np.arange(int(np.ceil(scale)) + 1)
-    overlap = np.clip(np.minimum(lows + scale, index + 1) - np.maximum(lows, index), 0, None)
-    return np.minimum(index, source - 1), (overlap / scale).astype(np.float32)

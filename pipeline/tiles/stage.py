@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,26 +18,24 @@ import numpy as np
 import ray
 
 from pipeline.config import Config, ConfigError
+from pipeline.console import progress_bar, results, table
 from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
-from pipeline.console import progress_bar, results, table
 from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
-from pipeline.tiles.slides import SlideReader, discover_slides
 from pipeline.stores import (
-    TILES_SCHEMA, StoreError, UnitMarkers, create_tile_store, new_store_id, now, open_store, remove_store,
-    unit_ranges, versions, write_rows,
+    FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
+    open_tile_store, remove_store, unit_ranges, write_rows,
 )
-from pipeline.tiles.slide_tiles import FLAG_READ_FAILED, SlidePlan, plan_slide, read_tiles
-
-IDENTITY_KEYS = ("path", "size", "hash", "mpp", "mpp_source", "status")
+from pipeline.tiles.slide_tiles import SlidePlan, plan_slide, read_tiles
+from pipeline.tiles.slides import SlideReader, discover_slides
 
 
 @dataclass
 class TileSummary:
     store: Path
     n_rows: int
-    slides: list[dict]
+    slides: list[SlideRecord]
     units_total: int = 0
     units_run: int = 0
     seconds: float = 0.0
@@ -45,8 +44,8 @@ class TileSummary:
     units_seconds: float = 0.0  # wall time of the unit phase (reading and writing), without start-up and planning
 
     @property
-    def failed_slides(self) -> list[dict]:
-        return [s for s in self.slides if s["status"] != "ok"]
+    def failed_slides(self) -> list[SlideRecord]:
+        return [s for s in self.slides if not s.ok]
 
     @property
     def tiles_per_second(self) -> float:
@@ -64,19 +63,9 @@ class TileSummary:
             "units_seconds": round(self.units_seconds, 3),
             "tiles_per_second": round(self.tiles_per_second, 2),
             "read_failed_tiles": self.read_failed_tiles,
-            "failures": [{"name": s["name"], "path": s["path"], "error": s["error"]} for s in self.failed_slides],
-            "slides": [{k: s.get(k) for k in ("name", "status", "n_tiles", "mpp", "mpp_source", "rows")} for s in self.slides],
+            "failures": [{"name": s.name, "path": s.path, "error": s.error} for s in self.failed_slides],
+            "slides": [{k: getattr(s, k) for k in ("name", "status", "n_tiles", "mpp", "mpp_source", "rows")} for s in self.slides],
         }
-
-
-def tiling_attrs(config: Config) -> dict:
-    """Everything that decides the stored pixels; a store made with other values is not reused."""
-    return {
-        **config.tiling.model_dump(),
-        "stored_px": config.tiling.tile_px + 2 * config.tiling.context_px,
-        "tissue": config.tissue.model_dump(mode="json"),
-        "store": config.store.model_dump(),
-    }
 
 
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
@@ -84,20 +73,19 @@ def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     sources = discover_slides(config.slides)
     if not sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
-    run_dir = config.run.resolve()
-    store_path = run_dir / "tiles.zarr"
+    run = RunDir.of(config)
     with ray_session(config.ray):
-        plans = _plan_all(sources, config, run_dir / "qc")
+        plans = _plan_all(sources, config, run.qc)
         rows = np.cumsum([0] + [len(p.coords) for p in plans])
         for plan, start, end in zip(plans, rows[:-1], rows[1:]):
-            plan.record["rows"] = [int(start), int(end)]
+            plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
         slides = [p.record for p in plans]
-        summary = TileSummary(store_path, int(rows[-1]), slides)
+        summary = TileSummary(run.tiles, int(rows[-1]), slides)
         if summary.n_rows:
-            store_id = _prepare_store(store_path, config, slides, summary.n_rows, overwrite)
-            _write_units(store_path, store_id, plans, config.store.shard_rows, summary)
+            store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
+            _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
     summary.seconds = time.perf_counter() - started
-    append_stage_record(run_dir, summary.as_record())
+    append_stage_record(run.root, summary.as_record())
     return summary
 
 
@@ -115,60 +103,49 @@ def _plan_all(sources, config: Config, qc_dir: Path) -> list[SlidePlan]:
     return plans  # type: ignore[return-value]
 
 
-def _prepare_store(store_path: Path, config: Config, slides: list[dict], n_rows: int, overwrite: bool) -> str:
+def _prepare_store(store_path: Path, config: Config, slides: list[SlideRecord], n_rows: int, overwrite: bool) -> str:
     """The id of a store ready for writing: the existing one when it matches, else a new one."""
-    tiling = tiling_attrs(config)
+    tiling = Tiling.from_config(config)
     if store_path.exists():
         if overwrite:
             remove_store(store_path)
         else:
             try:
-                existing = open_store(store_path, TILES_SCHEMA)
+                existing = open_tile_store(store_path)
             except StoreError:
                 if (store_path / "zarr.json").is_file() and not any(store_path.glob("*/c")):
                     remove_store(store_path)  # creation was interrupted before any unit ran
                 else:
                     raise
             else:
-                differences = store_differences(dict(existing.attrs), tiling, slides, n_rows)
+                differences = store_differences(existing.attrs, tiling, slides, n_rows)
                 if differences:
                     raise StoreError(
                         f"{store_path} was made from other slides or settings:\n  - " + "\n  - ".join(differences)
                         + "\nUse another --out, or --overwrite to replace it."
                     )
-                return existing.attrs["store_id"]
-    store_id = new_store_id()
-    attrs = {
-        "store_id": store_id,
-        "n_rows": n_rows,
-        "tiling": tiling,
-        "slides": slides,
-        "versions": versions(),
-        "created": now(),
-    }
-    create_tile_store(store_path, n_rows, tiling["stored_px"], config.store, attrs)
-    return store_id
+                return existing.attrs.store_id
+    attrs = TileStoreAttrs.new(tiling, slides, n_rows)
+    create_tile_store(store_path, attrs, config.store)
+    return attrs.store_id
 
 
-def store_differences(attrs: dict, tiling: dict, slides: list[dict], n_rows: int) -> list[str]:
+def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideRecord], n_rows: int) -> list[str]:
     """Human-readable differences between a store's recorded inputs and the current ones."""
-    found = [
-        f"tiling.{key}: store has {attrs['tiling'].get(key)!r}, now {value!r}"
-        for key, value in tiling.items()
-        if attrs["tiling"].get(key) != value
-    ]
-    before = {s["path"]: s for s in attrs["slides"]}
-    after = {s["path"]: s for s in slides}
+    found = attrs.tiling.differences(tiling)
+    before = {s.path: s for s in attrs.slides}
+    after = {s.path: s for s in slides}
     found += [f"slide {path} is new" for path in after.keys() - before.keys()]
     found += [f"slide {path} is no longer listed" for path in before.keys() - after.keys()]
     for path in sorted(after.keys() & before.keys()):
-        changed = [key for key in IDENTITY_KEYS if before[path].get(key) != after[path].get(key)]
+        old, new = before[path], after[path]
+        changed = [key for key in SlideRecord.IDENTITY if getattr(old, key) != getattr(new, key)]
         if changed:
-            found.append(f"slide {path} changed: " + ", ".join(f"{k} {before[path].get(k)!r} -> {after[path].get(k)!r}" for k in changed))
-    if not found and [s["path"] for s in attrs["slides"]] != [s["path"] for s in slides]:
+            found.append(f"slide {path} changed: " + ", ".join(f"{k} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in changed))
+    if not found and [s.path for s in attrs.slides] != [s.path for s in slides]:
         found.append("the slides are listed in another order")
-    if not found and attrs["n_rows"] != n_rows:
-        found.append(f"rows: store has {attrs['n_rows']}, now {n_rows}")
+    if not found and attrs.n_rows != n_rows:
+        found.append(f"rows: store has {attrs.n_rows}, now {n_rows}")
     return found
 
 
@@ -192,7 +169,7 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
             progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
     # Count blank tiles of units finished by an earlier, interrupted run too.
     if done:
-        flags = open_store(store_path, TILES_SCHEMA)["flags"][:]
+        flags = open_tile_store(store_path)["flags"][:]
         summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
 
 
@@ -200,16 +177,16 @@ def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
     """The slides' pieces that fall in rows [start, end), with what a worker needs to read them."""
     segments = []
     for plan in plans:
-        first, last = plan.record.get("rows", (0, 0))
+        first, last = plan.record.rows
         lo, hi = max(first, start), min(last, end)
         if lo >= hi:
             continue
         segments.append({
-            "slide": plan.record["id"],
-            "path": plan.record["path"],
-            "dimensions": tuple(plan.record["dimensions"]),
-            "read": plan.record["read"],
-            "reader": plan.record["reader"],
+            "slide": plan.record.id,
+            "path": plan.record.path,
+            "dimensions": tuple(plan.record.dimensions),
+            "read": plan.record.read,
+            "reader": plan.record.reader,
             "coords": plan.coords[lo - first : hi - first],
             "tissue": plan.tissue[lo - first : hi - first],
         })
@@ -253,8 +230,8 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
 def print_summary(summary: TileSummary) -> None:
     results.print(table(f"tiles -> {summary.store}", ["slide", "mpp (source)", "read", "tiles", "status"], [
         [
-            s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-", describe_read(s.get("read")),
-            str(s.get("n_tiles", 0)), "ok" if s["status"] == "ok" else f"[red]failed[/red]: {s['error']}",
+            s.name, f"{s.mpp:.4f} ({s.mpp_source})" if s.mpp else "-", describe_read(s.read),
+            str(s.n_tiles or 0), "ok" if s.ok else f"[red]failed[/red]: {s.error}",
         ]
         for s in summary.slides
     ]))

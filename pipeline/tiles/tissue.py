@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, filters, morphology
 
+from pipeline.geometry import read_level
 from pipeline.tiles.slides import SlideReader
 
 STRIP_ROWS = 512  # overview rows produced per OpenSlide read, bounding memory on single-level slides
@@ -22,8 +23,7 @@ def read_overview(reader: SlideReader, mpp0: float, overview_mpp: float) -> np.n
     """The whole slide as RGB at ``overview_mpp``, read from the coarsest level fine enough for it."""
     slide = reader.slide
     downsamples = slide.level_downsamples
-    usable = [i for i, ds in enumerate(downsamples) if mpp0 * ds <= overview_mpp] or [0]
-    level = max(usable, key=lambda i: downsamples[i])
+    level = read_level([mpp0 * ds for ds in downsamples], overview_mpp, tolerance=0.0) or 0
     level_width, level_height = slide.level_dimensions[level]
     factor = overview_mpp / (mpp0 * downsamples[level])  # level pixels per overview pixel
     out_width = max(1, int(round(level_width / factor)))

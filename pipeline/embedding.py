@@ -1,0 +1,208 @@
+"""Embedding a tile store into feature stores, one unit at a time, on Ray: the loop every embedder runs.
+
+The ``features`` stage runs teachers through it and ``embed`` runs an exported student through it,
+so both get the same guarantees. Ray actors each build every embedder of their pool once, then take
+whole units (the tile store's shards of rows): a unit's tiles are read and decoded once and fed to
+each embedder, which applies its own resize and normalisation. Each embedder's rows go to its own
+store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
+write, so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
+retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import ray
+
+from pipeline.config import StoreConfig
+from pipeline.console import progress_bar
+from pipeline.ray_runtime import completed
+from pipeline.stores import (
+    FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, create_feature_store, open_feature_store,
+    open_tile_store, remove_store, write_rows,
+)
+from pipeline.views import apply_view
+
+FLOAT16_MAX = 65504.0
+
+
+class NonFiniteFeatures(RuntimeError):
+    """An embedder produced NaN/Inf (or values beyond float16) for some rows: nothing is written."""
+
+
+class Embedder(Protocol):
+    """A model that embeds uint8 tiles [B, px, px, 3] into float vectors, one per recipe."""
+
+    widths: dict[str, int]  # recipe -> width
+    device: object
+
+    def embed(self, tiles_uint8_nhwc) -> dict: ...
+
+    def provenance(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """How a pool's Ray actors are sized."""
+
+    batch_size: int = 32
+    actors: int | None = None  # none: one per GPU, or one per threads_per_actor CPUs without GPUs
+    gpus_per_actor: float = 0.0
+    threads_per_actor: int = 2
+
+
+@dataclass
+class EmbedSummary:
+    """What a run of the loop did, summed over its pools."""
+
+    n_rows: int
+    names: list[str]
+    units_total: int = 0
+    units_run: int = 0
+    skipped: list[str] = field(default_factory=list)  # embedders whose stores were already finished
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    rows_done: int = 0
+    units_seconds: float = 0.0  # wall time of the unit phase, without Ray start-up and model loading
+
+
+class EmbedWorker:
+    """Holds one pool's embedders and an open tile store; computes and writes whole units."""
+
+    def __init__(self, tile_store: str, builders: dict[str, Callable[[str], Embedder]], settings: ActorSettings, views: list[dict], tile_px: int):
+        import torch
+
+        torch.set_num_threads(settings.threads_per_actor)
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.tiles = open_tile_store(Path(tile_store))
+        self.embedders = {name: build(device) for name, build in builders.items()}
+        self.settings, self.views, self.tile_px = settings, views, tile_px
+
+    def provenance(self) -> dict[str, dict]:
+        return {name: embedder.provenance() for name, embedder in self.embedders.items()}
+
+    def run_unit(self, unit: int, start: int, end: int, outputs: dict[str, tuple[str, str]]) -> dict:
+        """Compute and write rows [start, end) for the embedders in ``outputs`` (name -> store path, store id)."""
+        import torch
+
+        timings: dict[str, float] = defaultdict(float)
+        began = time.perf_counter()
+        pixels = self.tiles["tiles"][start:end]
+        timings["read"] += time.perf_counter() - began
+        results = {
+            name: {recipe: np.zeros((end - start, len(self.views), width), np.float32) for recipe, width in self.embedders[name].widths.items()}
+            for name in outputs
+        }
+        batch_size = self.settings.batch_size
+        for view_index, view in enumerate(self.views):
+            for first in range(0, end - start, batch_size):
+                clock = time.perf_counter()
+                batch = torch.from_numpy(np.ascontiguousarray(apply_view(pixels[first : first + batch_size], view, self.tile_px)))
+                timings["transform"] += time.perf_counter() - clock
+                for name in outputs:
+                    embedder = self.embedders[name]
+                    clock = time.perf_counter()
+                    embedded = embedder.embed(batch.to(embedder.device))
+                    timings[f"forward:{name}"] += time.perf_counter() - clock
+                    for recipe, values in embedded.items():
+                        results[name][recipe][first : first + len(batch), view_index] = values.float().cpu().numpy()
+        for name, recipes in results.items():
+            for recipe, values in recipes.items():
+                bad = ~np.isfinite(values).all(axis=(1, 2)) | (np.abs(values).max(axis=(1, 2)) > FLOAT16_MAX)
+                if bad.any():
+                    rows = (np.flatnonzero(bad) + start).tolist()
+                    raise NonFiniteFeatures(f"{name!r} recipe {recipe!r} gave NaN/Inf or values beyond float16 for rows {rows[:20]}; nothing was written for unit {unit}")
+        for name, recipes in results.items():
+            clock = time.perf_counter()
+            store_path, store_id = outputs[name]
+            write_rows(Path(store_path), start, {recipe: values.astype(np.float16) for recipe, values in recipes.items()})
+            UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, "end": end})
+            timings["write"] += time.perf_counter() - clock
+        return {"rows": end - start, "timings": dict(timings)}
+
+
+def embed_pool(
+    tiles: Store[TileStoreAttrs], builders: dict[str, Callable[[str], Embedder]], out_paths: dict[str, Path],
+    views: list[dict], settings: ActorSettings, store: StoreConfig, overwrite: bool, summary: EmbedSummary,
+) -> None:
+    """Run one pool of embedders over every unit their stores still lack; needs a Ray session."""
+    units = tiles.units()
+    actor_count = settings.actors or _default_actor_count(settings)
+    worker_class = ray.remote(num_cpus=settings.threads_per_actor, num_gpus=settings.gpus_per_actor, max_restarts=3, max_task_retries=3)(EmbedWorker)
+    workers = [worker_class.remote(str(tiles.path), builders, settings, views, tiles.attrs.tiling.tile_px) for _ in range(actor_count)]
+    provenance = ray.get(workers[0].provenance.remote())
+    outputs, missing = {}, {}
+    for name, path in out_paths.items():
+        store_id, missing[name] = prepare_feature_store(path, tiles, provenance[name], views, store, overwrite)
+        outputs[name] = (str(path), store_id)
+        if not missing[name]:
+            summary.skipped.append(name)
+    # Each unit is computed for the embedders whose stores lack it: a finished store is never rewritten.
+    queue = [(unit, {n: outputs[n] for n in out_paths if unit in missing[n]}) for unit in range(len(units))]
+    queue = [(unit, wanted) for unit, wanted in queue if wanted]
+    summary.units_run += sum(len(wanted) for _, wanted in queue)
+    pending: dict = {}  # ref -> the worker running it
+
+    def feed_workers() -> None:
+        for worker in workers:
+            while queue and list(pending.values()).count(worker) < 2:  # one running, one waiting: no idle actor
+                unit, wanted = queue.pop(0)
+                pending[worker.run_unit.remote(unit, *units[unit], wanted)] = worker
+
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        remaining = sum(units[unit][1] - units[unit][0] for unit, _ in queue)
+        task = progress.add_task(f"embedding {'+'.join(out_paths)}", total=summary.n_rows, completed=summary.n_rows - remaining, rate="")
+        feed_workers()
+        for _, stats in completed(pending):
+            feed_workers()
+            summary.rows_done += stats["rows"]
+            for key, seconds in stats["timings"].items():
+                summary.timings[key] += seconds
+            rate = summary.rows_done / (summary.units_seconds + time.perf_counter() - started)
+            progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
+    summary.units_seconds += time.perf_counter() - started
+    for worker in workers:
+        ray.kill(worker)
+
+
+def _default_actor_count(settings: ActorSettings) -> int:
+    resources = ray.cluster_resources()
+    if settings.gpus_per_actor:
+        return max(1, int(resources.get("GPU", 0) // settings.gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // settings.threads_per_actor))
+
+
+def prepare_feature_store(
+    store_path: Path, tiles: Store[TileStoreAttrs], provenance: dict, views: list[dict], store: StoreConfig, overwrite: bool,
+) -> tuple[str, set[int]]:
+    """The store id and the units still to compute: a new store, or a matching one to resume.
+
+    A finished store (every unit marked) is left alone unless ``overwrite``; a store from another
+    tile store, model, weights or views is refused unless ``overwrite``.
+    """
+    attrs = FeatureStoreAttrs.new(tiles.attrs, provenance, provenance["widths"], views)
+    if store_path.exists() and overwrite:
+        remove_store(store_path)
+    if store_path.exists():
+        try:
+            existing = open_feature_store(store_path, tiles)
+        except StoreError as error:
+            raise StoreError(f"{error}\nUse --overwrite to replace {store_path}.") from error
+        differences = [
+            f"{key}: store has {getattr(existing.attrs, key)!r}, now {getattr(attrs, key)!r}"
+            for key in ("teacher", "views")
+            if getattr(existing.attrs, key) != getattr(attrs, key)
+        ]
+        if differences:
+            raise StoreError(f"{store_path} was computed differently:\n  - " + "\n  - ".join(differences) + "\nUse --overwrite to replace it.")
+        return existing.attrs.store_id, existing.missing_units()
+    tile_array = tiles["tiles"]
+    create_feature_store(store_path, attrs, tile_array.chunks[0], tile_array.shards[0], store)
+    return attrs.store_id, set(range(len(tiles.units())))
