@@ -10,6 +10,7 @@ import timm
 import torch
 
 from bench.common import Row, timed
+from pipeline.precision import autocast
 from distill.student import default_nested_dims
 from pipeline.teachers import create_architecture, get_teacher
 
@@ -30,7 +31,7 @@ def random_module(build) -> torch.nn.Module:
 
 def tiles_per_second(module: torch.nn.Module, batch: torch.Tensor, repeat: int) -> float:
     def forward() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), autocast("cpu", "bf16"):  # as the teachers run here
             module.forward_features(batch)
 
     forward()  # warm-up

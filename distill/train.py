@@ -45,6 +45,7 @@ from distill.train_log import MetricsLog, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.console import console, progress_bar
 from pipeline.files import write_text_atomically
+from pipeline.precision import autocast
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, StoreError, now
 
@@ -311,14 +312,10 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
     """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
     images, targets = model.inputs(batch)
-    with autocast(images.device, settings.precision):
+    with autocast(images.device.type, settings.precision):
         loss, parts = training(images, targets)
     (loss / settings.accumulation).backward()
     return loss.detach(), parts
@@ -340,7 +337,7 @@ def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple
     rows = 0
     for batch in batches:
         images, targets = model.inputs(batch)
-        with autocast(images.device, precision):
+        with autocast(images.device.type, precision):
             predictions = model.heads(model.student(images))
         for (teacher, m), prediction in predictions.items():
             prediction, target = prediction.double(), targets[teacher].double()

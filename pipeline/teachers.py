@@ -39,6 +39,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.files import sha256_file
+from pipeline.precision import DTYPES as PRECISIONS
+from pipeline.precision import autocast
 
 POOLS = {
     "cls": lambda tokens, prefix: tokens[:, 0],
@@ -46,7 +48,6 @@ POOLS = {
     "cls_mean": lambda tokens, prefix: torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1),
 }
 RESIZE_RULES = ("resize", "resize_center_crop")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # Order timm tries for hub checkpoints: safetensors first, the pickle only as a fallback.
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -103,7 +104,7 @@ class TeacherSpec:
                 self.resize_px == self.input_px if self.resize == "resize" else self.resize_px >= self.input_px,
             f"interpolation {self.interpolation!r} must be a torchvision InterpolationMode":
                 self.interpolation in {mode.value for mode in InterpolationMode},
-            f"precision {self.precision!r} must be one of {list(AUTOCAST_DTYPES)}": self.precision in AUTOCAST_DTYPES,
+            f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
             f"source {self.source!r} needs an integer seed":
                 not is_random or self.source.removeprefix("random:").isdigit(),
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
@@ -325,10 +326,7 @@ class LoadedTeacher:
 
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
         """The model alone, on preprocessed NCHW pixels, under the teacher's autocast precision."""
-        dtype = AUTOCAST_DTYPES[self.spec.precision]
-        if self.device.type == "cpu" and dtype is not None:
-            dtype = torch.bfloat16  # CPU autocast: fp16 has few fast CPU kernels, bf16 has
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.device.type, self.spec.precision):
             features = self.module.forward_features(pixels)
         return self.pool(features)
 
