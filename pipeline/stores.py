@@ -1,6 +1,6 @@
 """The Zarr stores both halves of the project share: their schemas, layout and completion markers.
 
-Layout rules (see DESIGN.md): arrays share the row axis; chunks hold whole rows (tiles) and are the
+Layout rules (see docs/design.md): arrays share the row axis; chunks hold whole rows (tiles) and are the
 read unit; shards group chunks and are the write unit; a work unit is one shard of rows, so each
 writer owns whole shards of every array and never races another. Every chunk carries a crc32c
 checksum, so a flipped byte on disk fails the read instead of passing silently.
