@@ -4,7 +4,7 @@ Two ways in, for two jobs:
 - lazy Dask arrays over the tiles and each teacher's recipe (Dask chunks = Zarr chunks), for
   statistics over a sample of rows (the target standardizers) and for describing the data;
 - the block-shuffle loader for training: per-sample random reads of ~100 KB chunks are the classic
-  bottleneck (infra.md 3.2, 5.6), so it reads whole chunks, a pool of them at a time, and shuffles rows
+  bottleneck (scDataset, arXiv 2506.01883), so it reads whole chunks, a pool of them at a time, and shuffles rows
   inside the pool (the annbatch / scDataset pattern).
 
 Rows of one slide are contiguous, so a chunk mostly holds rows of one slide; a pool of chunks drawn from
@@ -93,7 +93,7 @@ class DistillData:
 
 def _lazy(array: zarr.Array) -> da.Array:
     # chunks explicit: the default for sharded arrays is one task per tiny inner chunk or per huge shard
-    # depending on the Dask version (infra.md 3.1)
+    # depending on the Dask version (dask/dask#12586)
     return da.from_zarr(array, chunks=array.chunks)
 
 
@@ -259,7 +259,7 @@ class BlockShuffleLoader:
     Pools are read ahead by `workers` threads, at most `workers + 1` pools in memory. Threads, not
     processes: reading is Zarr's decompression and checksums plus numpy copies, which release the GIL;
     threads share the open arrays with no pickling or fork (which Zarr and torch handle badly,
-    infra.md 2.5 and 3.2). Pools are consumed in the order they were submitted and each is shuffled by
+    as forked readers can deadlock). Pools are consumed in the order they were submitted and each is shuffled by
     its own seed, so batch content and order never depend on thread timing. `workers=0` reads inline.
     """
 

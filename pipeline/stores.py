@@ -1,7 +1,7 @@
 """The store contract: what a run directory holds, what each store's attrs say, and how stores are
 written and opened. The one module both halves of the project import for data.
 
-Layout rules: arrays share the row axis; chunks hold whole rows (tiles) and are the read unit; shards
+Layout rules (docs/design.md): arrays share the row axis; chunks hold whole rows (tiles) and are the read unit; shards
 group chunks and are the write unit; a work unit is one shard of rows, so each writer owns whole
 shards of every array and never races another. Every chunk carries a crc32c checksum, so a flipped
 byte on disk fails the read instead of passing silently.

@@ -3,7 +3,7 @@
 A spec carries everything that decides a teacher's embedding, so it doubles as provenance
 (``to_json``): where the weights come from, the timm architecture and kwargs, the teacher's own
 resize / crop / normalisation, which tokens each recipe pools, target mpp and autocast precision.
-Real entries follow research/pipelines.md section 11 and research/papers.md section 5.1, model card
+Real entries follow each model card and the public pipelines that load the model (TRIDENT, eva), model card
 first; each entry's ``notes`` says where sources disagree and what we follow.
 
 Weight sources, chosen by the prefix of ``source`` (or the ``weights`` override of the builder):

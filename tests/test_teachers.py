@@ -28,7 +28,7 @@ from pipeline.teachers import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Published figures (model cards / papers, see research/pipelines.md section 11): parameters, width per
+# Published figures (model cards / papers, cited in each entry's notes): parameters, width per
 # recipe, and prefix tokens (CLS + registers) the patch mean must skip.
 PUBLISHED = {
     "uni": (303e6, {"cls": 1024}, 1),
