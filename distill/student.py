@@ -4,15 +4,13 @@ dims are an embedding on their own. During training, heads map each prefix z[:m]
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import timm
-import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import Tensor, nn
+
+from pipeline.weights import RandomInit, WeightsError, parse_source, state_dict_for
 
 
 def default_nested_dims(width: int) -> list[int]:
@@ -21,9 +19,9 @@ def default_nested_dims(width: int) -> list[int]:
 
 
 class Student(nn.Module):
-    """timm backbone without classifier; its pooled output is z [B, D]. `init` is "random:SEED",
-    "hf-hub:ORG/NAME[@REVISION]" (read from the Hugging Face cache when HF_HUB_OFFLINE=1) or a
-    .safetensors / torch checkpoint file."""
+    """timm backbone without classifier; its pooled output is z [B, D]. `init` is a weight source of
+    pipeline/weights.py: "random:SEED", "hf-hub:ORG/NAME[@REVISION]" (read from the Hugging Face cache
+    when HF_HUB_OFFLINE=1) or a .safetensors / torch checkpoint file."""
 
     def __init__(
         self,
@@ -57,14 +55,14 @@ class Student(nn.Module):
 
 
 def create_backbone(arch: str, timm_kwargs: Mapping[str, Any], init: str) -> nn.Module:
-    """timm backbone (num_classes=0) from `init`, see Student. Checkpoints go through timm's own
-    pretrained loading, so its per-arch conversions apply (e.g. DINOv2's 518 px position embedding
-    resampled to the student's img_size), and every backbone key must match (classifier keys aside)."""
-    if init.startswith("random:"):
-        with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream left alone
-            torch.manual_seed(int(init.removeprefix("random:")))
-            return timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
-    weights = _read_weights(init)
+    """timm backbone (num_classes=0) from `init`, see Student. Unlike a teacher, a checkpoint goes
+    through timm's own pretrained loading, so its per-arch conversions apply (e.g. DINOv2's 518 px
+    position embedding resampled to the student's img_size); every backbone key must still match
+    (classifier keys aside)."""
+    source = parse_source(init)
+    if isinstance(source, RandomInit):
+        return source.build(lambda: timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs))
+    weights = state_dict_for(source)
     classifiers = timm.models.get_pretrained_cfg_value(arch, "classifier") or ()
     for classifier in (classifiers,) if isinstance(classifiers, str) else classifiers:  # not part of a backbone
         weights.pop(f"{classifier}.weight", None)
@@ -79,27 +77,9 @@ def create_backbone(arch: str, timm_kwargs: Mapping[str, Any], init: str) -> nn.
             **timm_kwargs,
         )
     except RuntimeError as error:
-        raise ValueError(f"student init {init!r} does not fit timm {arch} {dict(timm_kwargs)}: {error}") from error
+        raise WeightsError(f"student init {source} does not fit timm {arch} {dict(timm_kwargs)}: {error}") from error
     backbone.pretrained_cfg["state_dict"] = None  # timm keeps the overlay; do not hold a second copy
     return backbone
-
-
-def _read_weights(init: str) -> dict[str, Tensor]:
-    if init.startswith("hf-hub:"):
-        repo = init.removeprefix("hf-hub:")
-        try:
-            return timm.models.load_state_dict_from_hf(repo)
-        except LocalEntryNotFoundError as error:
-            raise FileNotFoundError(
-                f"student init {init!r} is not in the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE} "
-                f"and the Hub is offline or unreachable: run `hf download {repo}` where it is reachable and point "
-                "HF_HUB_CACHE at that cache, or pass a local checkpoint file"
-            ) from error
-    if not Path(init).is_file():
-        raise FileNotFoundError(
-            f"student init {init!r} is neither random:SEED, hf-hub:ORG/NAME nor an existing checkpoint file"
-        )
-    return timm.models.load_state_dict(init)  # safetensors, or torch.load(weights_only=True)
 
 
 class PrefixMLP(nn.Module):

@@ -45,6 +45,7 @@ from pipeline.files import write_text_atomically
 from pipeline.console import console, progress_bar
 from pipeline.run_report import append_stage_record
 from pipeline.stores import StoreError, now
+from pipeline.weights import WeightsError
 
 SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
@@ -271,7 +272,7 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
     """The configured student, refused with the key to fix when it cannot take these tiles or dims."""
     try:
         student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init)
-    except ValueError as error:
+    except (ValueError, WeightsError) as error:
         raise ConfigError(f"distill.student / nested_dims / init: {error}") from error
     if set(settings.dim_weights) - set(student.nested_dims):
         raise ConfigError(f"distill.dim_weights names dims {sorted(settings.dim_weights)}; the nested dims are {student.nested_dims}")
