@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data import student_pixels
 from distill.export import load_student, read_student_json
 from pipeline.config import StoreConfig
 from pipeline.console import progress_bar
@@ -67,7 +66,7 @@ def embed_tile_store(student_dir: Path, tile_store: Path, out_store: Path, dim: 
             for first in range(0, end - start, batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(apply_view(stored[first : first + batch_size], IDENTITY, record["input_px"])))
                 with torch.inference_mode():
-                    z = student.embed(student_pixels(batch.to(device), record["mean"], record["std"]), dim=dim)
+                    z = student.embed(student.preprocess(batch), dim=dim)
                 embeddings[first : first + len(batch), 0] = z.float().cpu().numpy()
             write_rows(out_store, start, {"embedding": embeddings})
             markers.mark(unit, {"start": start, "end": end})

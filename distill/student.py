@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
+import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from pipeline.weights import RandomInit, WeightsError, parse_source, state_dict_for
@@ -21,7 +23,10 @@ def default_nested_dims(width: int) -> list[int]:
 class Student(nn.Module):
     """timm backbone without classifier; its pooled output is z [B, D]. `init` is a weight source of
     pipeline/weights.py: "random:SEED", "hf-hub:ORG/NAME[@REVISION]" (read from the Hugging Face cache
-    when HF_HUB_OFFLINE=1) or a .safetensors / torch checkpoint file."""
+    when HF_HUB_OFFLINE=1) or a .safetensors / torch checkpoint file.
+
+    `mean` / `std` normalise the input pixels: by default those the backbone's timm pretrained config
+    names (ImageNet's when it names none); an exported student passes the ones it was trained with."""
 
     def __init__(
         self,
@@ -29,11 +34,16 @@ class Student(nn.Module):
         timm_kwargs: Mapping[str, Any] | None = None,
         nested_dims: Sequence[int] | None = None,
         init: str = "random:0",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.arch = arch
         self.timm_kwargs = dict(timm_kwargs or {})
         self.backbone = create_backbone(arch, self.timm_kwargs, init)
+        pretrained_cfg = self.backbone.pretrained_cfg
+        self.mean = tuple(pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN) if mean is None else mean)
+        self.std = tuple(pretrained_cfg.get("std", IMAGENET_DEFAULT_STD) if std is None else std)
         self.width = self.backbone.head_hidden_size
         dims = default_nested_dims(self.width) if nested_dims is None else list(nested_dims)
         if not dims or dims != sorted(set(dims)) or dims[0] < 1 or dims[-1] > self.width:
@@ -42,6 +52,13 @@ class Student(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
+
+    def preprocess(self, tiles_uint8_nhwc: Tensor) -> Tensor:
+        """uint8 tiles [B, H, W, 3] -> the normalised float input [B, 3, H, W], on the student's device."""
+        pixels = tiles_uint8_nhwc.to(next(self.parameters()).device).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
 
     def embed(self, images: Tensor, dim: int | None = None) -> Tensor:
         """The first `dim` dims of z (all D when None)."""

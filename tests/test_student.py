@@ -19,7 +19,8 @@ from pipeline.weights import WeightsError
 
 ARCH = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, depth=2)  # D = 192
-META = dict(input_px=32, target_mpp=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+META = dict(input_px=32, target_mpp=0.5)
+PATHOLOGY_STATS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # not timm's default
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,17 @@ def test_nested_dims_must_increase_within_the_width():
         Student(ARCH, TINY, nested_dims=[16, 256])
     with pytest.raises(ValueError, match="nested dims"):
         Student(ARCH, TINY, nested_dims=[64, 32])
+
+
+def test_preprocess_normalises_uint8_tiles_with_the_student_s_stats():
+    student = Student(ARCH, TINY, **PATHOLOGY_STATS)
+    tiles = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = tiles.permute(0, 3, 1, 2).float().div_(255)  # the formula training has always used
+    mean = torch.tensor(PATHOLOGY_STATS["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(PATHOLOGY_STATS["std"]).view(1, 3, 1, 1)
+    assert torch.equal(student.preprocess(tiles), (pixels - mean) / std)
+    default = Student(ARCH, TINY)  # timm's pretrained config names the stats unless they are given
+    assert (default.mean, default.std) == (default.backbone.pretrained_cfg["mean"], default.backbone.pretrained_cfg["std"])
 
 
 def test_random_init_is_seeded():
@@ -140,7 +152,7 @@ def test_init_from_a_checkpoint_with_wrong_keys_names_them(tmp_path, source):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny student exported with tied heads, and the objects it was exported from."""
-    student = Student(ARCH, TINY, nested_dims=[16, 64, 192]).eval()
+    student = Student(ARCH, TINY, nested_dims=[16, 64, 192], **PATHOLOGY_STATS).eval()
     rng = np.random.default_rng(0)
     standardizers = {
         "uni": fit_standardizer(rng.normal(size=(200, 24)), "phi-s"),
@@ -162,6 +174,7 @@ def test_export_writes_what_is_needed_to_use_the_student(exported):
         "virchow": {"width": 40, "standardizer": "zscore"},
     }
     assert {key: record[key] for key in META} == META
+    assert (record["mean"], record["std"]) == (list(student.mean), list(student.std))
     weights = safetensors.torch.load_file(directory / "student.safetensors")
     assert weights.keys() == student.backbone.state_dict().keys()
 
@@ -170,6 +183,7 @@ def test_export_then_load_gives_the_same_embeddings(exported, images):
     directory, student, _, _ = exported
     loaded = load_student(directory / "student.json")
     assert not loaded.training and loaded.nested_dims == [16, 64, 192]
+    assert (loaded.mean, loaded.std) == (student.mean, student.std) == (PATHOLOGY_STATS["mean"], PATHOLOGY_STATS["std"])
     with torch.no_grad():
         for dim in (16, 64, 192):
             assert torch.equal(loaded.embed(images, dim=dim), student.embed(images, dim=dim))
@@ -200,4 +214,6 @@ def test_export_refuses_incomplete_meta(exported, tmp_path):
     without_mpp = {key: value for key, value in META.items() if key != "target_mpp"}
     with pytest.raises(ValueError, match="target_mpp"):
         export_student(student, tmp_path / "other", without_mpp, standardizers, heads)
+    with pytest.raises(ValueError, match=r"must not set \['mean'\]"):  # the student's own stats are written
+        export_student(student, tmp_path / "other", {**META, "mean": [0.5, 0.5, 0.5]}, standardizers, heads)
     assert not (tmp_path / "other" / "student.json").exists()
