@@ -124,11 +124,12 @@ def embed(
 ) -> None:
     """Student embeddings at one nested width for a tile store, into a feature store."""
     from distill.embed import embed_tile_store
+    from pipeline.weights import WeightsError
 
     try:
         summary = embed_tile_store(student, tiles_store, out_store, dim)
         console.print(f"{out_store}: {summary.rows_done} rows embedded, {summary.units_run}/{summary.units_total} units run")
-    except (StoreError, ValueError) as error:
+    except (StoreError, ValueError, WeightsError) as error:
         fail(error)
 
 
@@ -141,12 +142,12 @@ def evaluate(
 ) -> None:
     """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
     from distill.evaluate.run import EvaluateError, print_summary, run_evaluate
-    from pipeline.teachers import TeacherWeightsError
+    from pipeline.weights import WeightsError
 
     try:
         settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None})
         result = run_evaluate(settings)
-    except (ConfigError, StoreError, EvaluateError, TeacherWeightsError) as error:
+    except (ConfigError, StoreError, EvaluateError, WeightsError) as error:
         fail(error)
     if as_json:
         print(json.dumps(result, indent=2))

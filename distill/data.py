@@ -22,9 +22,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import torch
 import zarr
-from torch import Tensor
 
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, open_feature_store, open_tile_store
@@ -344,11 +342,3 @@ def validation_batches(data: DistillData, batch_size: int, max_rows: int | None)
             yield rows[start : start + batch_size]
         if remaining <= 0:
             return
-
-
-def student_pixels(tiles_nhwc: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 tiles [B, H, W, 3] -> the student's normalised float input [B, 3, H, W], on the tiles' device."""
-    pixels = tiles_nhwc.permute(0, 3, 1, 2).float().div_(255)
-    mean_t = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - mean_t) / std_t

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distill.data import student_pixels
 from distill.export import load_student, read_student_json
 from distill.student import Student
 from pipeline.config import RayConfig, StoreConfig
@@ -43,8 +42,7 @@ class StudentAtWidth:
 
     def embed(self, tiles_uint8_nhwc: Tensor) -> dict[str, Tensor]:
         with torch.inference_mode():
-            pixels = student_pixels(tiles_uint8_nhwc, self.record["mean"], self.record["std"])
-            return {RECIPE: self.student.embed(pixels, dim=self.dim)}
+            return {RECIPE: self.student.embed(self.student.preprocess(tiles_uint8_nhwc), dim=self.dim)}
 
     def provenance(self) -> dict:
         record = self.record

@@ -26,7 +26,7 @@ from distill.student import NestedHeads, Student
 from pipeline.files import atomic_path, write_text_atomically
 
 SCHEMA = "pathdistill.student/1"
-REQUIRED_META = ("input_px", "target_mpp", "mean", "std")
+REQUIRED_META = ("input_px", "target_mpp")
 
 
 def export_student(
@@ -49,6 +49,8 @@ def export_student(
         "timm_kwargs": student.timm_kwargs,
         "width": student.width,
         "nested_dims": student.nested_dims,
+        "mean": list(student.mean),
+        "std": list(student.std),
         "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in standardizers.items()},
         "heads": {"hidden": heads.hidden, "tied": heads.tied},
     }
@@ -71,7 +73,9 @@ def load_student(path: str | Path) -> Student:
     """The exported student (directory or its student.json) in eval mode, ready for embed(x, dim=m)."""
     directory, record = read_student_json(path)
     weights = directory / "student.safetensors"
-    return Student(record["arch"], record["timm_kwargs"], record["nested_dims"], init=str(weights)).eval()
+    return Student(
+        record["arch"], record["timm_kwargs"], record["nested_dims"], init=str(weights), mean=record["mean"], std=record["std"]
+    ).eval()
 
 
 def load_heads(path: str | Path) -> tuple[NestedHeads, dict[str, Standardizer]]:

@@ -4,15 +4,15 @@ dims are an embedding on their own. During training, heads map each prefix z[:m]
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import timm
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import LocalEntryNotFoundError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
+
+from pipeline.weights import RandomInit, WeightsError, parse_source, state_dict_for
 
 
 def default_nested_dims(width: int) -> list[int]:
@@ -21,9 +21,12 @@ def default_nested_dims(width: int) -> list[int]:
 
 
 class Student(nn.Module):
-    """timm backbone without classifier; its pooled output is z [B, D]. `init` is "random:SEED",
-    "hf-hub:ORG/NAME[@REVISION]" (read from the Hugging Face cache when HF_HUB_OFFLINE=1) or a
-    .safetensors / torch checkpoint file."""
+    """timm backbone without classifier; its pooled output is z [B, D]. `init` is a weight source of
+    pipeline/weights.py: "random:SEED", "hf-hub:ORG/NAME[@REVISION]" (read from the Hugging Face cache
+    when HF_HUB_OFFLINE=1) or a .safetensors / torch checkpoint file.
+
+    `mean` / `std` normalise the input pixels: by default those the backbone's timm pretrained config
+    names (ImageNet's when it names none); an exported student passes the ones it was trained with."""
 
     def __init__(
         self,
@@ -31,11 +34,16 @@ class Student(nn.Module):
         timm_kwargs: Mapping[str, Any] | None = None,
         nested_dims: Sequence[int] | None = None,
         init: str = "random:0",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.arch = arch
         self.timm_kwargs = dict(timm_kwargs or {})
         self.backbone = create_backbone(arch, self.timm_kwargs, init)
+        pretrained_cfg = self.backbone.pretrained_cfg
+        self.mean = tuple(pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN) if mean is None else mean)
+        self.std = tuple(pretrained_cfg.get("std", IMAGENET_DEFAULT_STD) if std is None else std)
         self.width = self.backbone.head_hidden_size
         dims = default_nested_dims(self.width) if nested_dims is None else list(nested_dims)
         if not dims or dims != sorted(set(dims)) or dims[0] < 1 or dims[-1] > self.width:
@@ -44,6 +52,13 @@ class Student(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
+
+    def preprocess(self, tiles_uint8_nhwc: Tensor) -> Tensor:
+        """uint8 tiles [B, H, W, 3] -> the normalised float input [B, 3, H, W], on the student's device."""
+        pixels = tiles_uint8_nhwc.to(next(self.parameters()).device).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
 
     def embed(self, images: Tensor, dim: int | None = None) -> Tensor:
         """The first `dim` dims of z (all D when None)."""
@@ -57,14 +72,14 @@ class Student(nn.Module):
 
 
 def create_backbone(arch: str, timm_kwargs: Mapping[str, Any], init: str) -> nn.Module:
-    """timm backbone (num_classes=0) from `init`, see Student. Checkpoints go through timm's own
-    pretrained loading, so its per-arch conversions apply (e.g. DINOv2's 518 px position embedding
-    resampled to the student's img_size), and every backbone key must match (classifier keys aside)."""
-    if init.startswith("random:"):
-        with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream left alone
-            torch.manual_seed(int(init.removeprefix("random:")))
-            return timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
-    weights = _read_weights(init)
+    """timm backbone (num_classes=0) from `init`, see Student. Unlike a teacher, a checkpoint goes
+    through timm's own pretrained loading, so its per-arch conversions apply (e.g. DINOv2's 518 px
+    position embedding resampled to the student's img_size); every backbone key must still match
+    (classifier keys aside)."""
+    source = parse_source(init)
+    if isinstance(source, RandomInit):
+        return source.build(lambda: timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs))
+    weights = state_dict_for(source)
     classifiers = timm.models.get_pretrained_cfg_value(arch, "classifier") or ()
     for classifier in (classifiers,) if isinstance(classifiers, str) else classifiers:  # not part of a backbone
         weights.pop(f"{classifier}.weight", None)
@@ -79,27 +94,9 @@ def create_backbone(arch: str, timm_kwargs: Mapping[str, Any], init: str) -> nn.
             **timm_kwargs,
         )
     except RuntimeError as error:
-        raise ValueError(f"student init {init!r} does not fit timm {arch} {dict(timm_kwargs)}: {error}") from error
+        raise WeightsError(f"student init {source} does not fit timm {arch} {dict(timm_kwargs)}: {error}") from error
     backbone.pretrained_cfg["state_dict"] = None  # timm keeps the overlay; do not hold a second copy
     return backbone
-
-
-def _read_weights(init: str) -> dict[str, Tensor]:
-    if init.startswith("hf-hub:"):
-        repo = init.removeprefix("hf-hub:")
-        try:
-            return timm.models.load_state_dict_from_hf(repo)
-        except LocalEntryNotFoundError as error:
-            raise FileNotFoundError(
-                f"student init {init!r} is not in the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE} "
-                f"and the Hub is offline or unreachable: run `hf download {repo}` where it is reachable and point "
-                "HF_HUB_CACHE at that cache, or pass a local checkpoint file"
-            ) from error
-    if not Path(init).is_file():
-        raise FileNotFoundError(
-            f"student init {init!r} is neither random:SEED, hf-hub:ORG/NAME nor an existing checkpoint file"
-        )
-    return timm.models.load_state_dict(init)  # safetensors, or torch.load(weights_only=True)
 
 
 class PrefixMLP(nn.Module):

@@ -29,14 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from distill.data import (
-    BlockShuffleLoader, DistillData, Rows, open_distill_data, student_pixels, target_sample, validation_batches,
-)
+from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
 from distill.export import export_student
 from distill.losses import Parts, nested_distill_loss
 from distill.standardize import Standardizer, fit_standardizer
@@ -48,6 +45,7 @@ from pipeline.files import write_text_atomically
 from pipeline.precision import autocast
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, StoreError, now
+from pipeline.weights import WeightsError
 
 SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
@@ -99,20 +97,18 @@ class Distiller(nn.Module):
     trained parameter used inside forward."""
 
     def __init__(
-        self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer],
-        pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...], settings: DistillConfig,
+        self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer], settings: DistillConfig,
     ):
         super().__init__()
         self.student, self.heads = student, heads
         self.standardizers = nn.ModuleDict(standardizers)
-        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         self.loss_weights = dict(
             teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
         )
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
-        images = student_pixels(torch.from_numpy(batch.tiles).to(device), self.pixel_mean, self.pixel_std)
+        images = self.student.preprocess(torch.from_numpy(batch.tiles))
         targets = {t: self.standardizers[t](torch.from_numpy(y).to(device)) for t, y in batch.targets.items()}
         return images, targets
 
@@ -153,9 +149,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
             t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize)
             for t in data.targets
         }
-    pixel_mean = tuple(student.backbone.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-    pixel_std = tuple(student.backbone.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
-    model = Distiller(student, heads, standardizers, pixel_mean, pixel_std, settings).to(world.device)
+    model = Distiller(student, heads, standardizers, settings).to(world.device)
     optimizer = make_optimizer(model, settings)
     loader = training_loader(data, settings, checkpoint["loader"] if checkpoint else None)
     step = 0
@@ -216,7 +210,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
 
     records = log.read()
     final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
-    export_student(student, out_dir, export_meta(data, settings, pixel_mean, pixel_std, final_val), standardizers, heads)
+    export_student(student, out_dir, export_meta(data, settings, final_val), standardizers, heads)
     speed = {
         **measure_speeds(model, training_loader(data, settings), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
@@ -274,7 +268,7 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
     """The configured student, refused with the key to fix when it cannot take these tiles or dims."""
     try:
         student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init)
-    except ValueError as error:
+    except (ValueError, WeightsError) as error:
         raise ConfigError(f"distill.student / nested_dims / init: {error}") from error
     if set(settings.dim_weights) - set(student.nested_dims):
         raise ConfigError(f"distill.dim_weights names dims {sorted(settings.dim_weights)}; the nested dims are {student.nested_dims}")
@@ -376,12 +370,10 @@ def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimiz
     }
 
 
-def export_meta(data: DistillData, settings: DistillConfig, pixel_mean: tuple, pixel_std: tuple, final_val: dict) -> dict:
+def export_meta(data: DistillData, settings: DistillConfig, final_val: dict) -> dict:
     return {
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
-        "mean": list(pixel_mean),
-        "std": list(pixel_std),
         "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},
         "views": data.views,
         "tile_store_id": data.tile_store_id,

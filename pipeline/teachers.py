@@ -6,13 +6,10 @@ resize / crop / normalisation, which tokens each recipe pools, target mpp and au
 Real entries follow each model card and the public pipelines that load the model (TRIDENT, eva), model card
 first; each entry's ``notes`` says where sources disagree and what we follow.
 
-Weight sources, chosen by the prefix of ``source`` (or the ``weights`` override of the builder):
-
-* ``hf-hub:org/name`` - loaded by timm from the Hugging Face cache; works offline once cached
-  (``HF_HUB_OFFLINE=1``), otherwise the error names the repo and how to pre-download it.
-* a local ``.safetensors`` / ``.bin`` / ``.pth`` file - strict key check; pickles only through
-  ``torch.load(weights_only=True)``, never a full unpickle.
-* ``random:SEED`` - a stand-in with seeded random weights, bitwise reproducible, always labelled.
+Weights come from ``source`` (or the builder's ``weights`` override): ``hf-hub:ORG/NAME``, a local file, or
+``random:SEED`` for a stand-in, always labelled (see pipeline/weights.py). Whatever the source, the weights are
+loaded into the spec's own architecture with every key as stored: a hub repo's config.json is not consulted,
+and no conversion may silently change the published model.
 
 Pooling rules over the token sequence of ``forward_features`` (prefix tokens = CLS + registers):
 ``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN,
@@ -22,25 +19,18 @@ the mean over H and W); ``cls_mean`` the two concatenated.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import pickle
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import safetensors.torch
 import timm
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.files import sha256_file
 from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
+from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
 
 POOLS = {
     "cls": lambda tokens, prefix: tokens[:, 0],
@@ -48,9 +38,6 @@ POOLS = {
     "cls_mean": lambda tokens, prefix: torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1),
 }
 RESIZE_RULES = ("resize", "resize_center_crop")
-# Order timm tries for hub checkpoints: safetensors first, the pickle only as a fallback.
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -60,10 +47,6 @@ SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
 class UnknownTeacherError(ValueError):
     """No registry entry has this name."""
-
-
-class TeacherWeightsError(RuntimeError):
-    """Weights are missing, unreadable, unsafe, or do not fit the spec's architecture."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +76,10 @@ class TeacherSpec:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        is_random = self.source.startswith("random:")
+        try:
+            is_random = isinstance(parse_source(self.source), RandomInit)
+        except WeightsError as err:
+            raise ValueError(f"teacher spec {self.name!r}: {err}") from err
         checks = {
             f"recipe rules {list(self.recipes.values())} must be among {list(POOLS)}":
                 all(rule in POOLS for rule in self.recipes.values()),
@@ -105,8 +91,6 @@ class TeacherSpec:
             f"interpolation {self.interpolation!r} must be a torchvision InterpolationMode":
                 self.interpolation in {mode.value for mode in InterpolationMode},
             f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
-            f"source {self.source!r} needs an integer seed":
-                not is_random or self.source.removeprefix("random:").isdigit(),
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
             f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
         }
@@ -358,30 +342,10 @@ def build_teacher(
 ) -> LoadedTeacher:
     """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``."""
     spec = get_teacher(spec) if isinstance(spec, str) else spec
-    location = weights or spec.source
-    if location.startswith("random:"):
-        # Seed a private RNG stream: same seed, bitwise same weights, and the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(location.removeprefix("random:")))
-            module = create_architecture(spec)
-        # Hash of the safetensors serialisation: a stand-in saved with save_file keeps its identity.
-        weights_sha256 = hashlib.sha256(safetensors.torch.save(module.state_dict())).hexdigest()
-    elif location.startswith("hf-hub:"):
-        path = _hub_checkpoint(location.removeprefix("hf-hub:"))
-        try:
-            module = timm.create_model(
-                location, pretrained=True, pretrained_cfg_overlay={"hf_hub_filename": path.name},
-                **_timm_kwargs(spec),
-            )
-        except RuntimeError as err:
-            raise TeacherWeightsError(f"{location} ({path.name}) does not fit teacher {spec.name!r}: {err}") from err
-        weights_sha256 = sha256_file(path)
-    else:
-        path = Path(location)
-        state = _read_state_dict(path)  # before building: a bad file fails without initialising 1B params
-        module = create_architecture(spec)
-        _load_state_dict(module, state, f"{path} for teacher {spec.name!r} ({spec.arch})")
-        weights_sha256 = sha256_file(path)
+    source = parse_source(weights or spec.source)
+    module, weights_sha256 = build_strict(
+        lambda: create_architecture(spec), source, f"teacher {spec.name!r} ({spec.arch})"
+    )
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
     return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device))
@@ -409,59 +373,3 @@ def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:
     built = {recipe: POOLS[rule](probe, prefix).shape[-1] for recipe, rule in spec.recipes.items()}
     if built != spec.widths:
         raise ValueError(f"teacher {spec.name!r}: architecture gives widths {built}, spec says {spec.widths}")
-
-
-def _hub_checkpoint(repo: str) -> Path:
-    """The cached checkpoint timm will load (config.json present too), downloading unless HF_HUB_OFFLINE."""
-    if _hub_file(repo, "config.json"):
-        for filename in HUB_WEIGHT_FILES:
-            if path := _hub_file(repo, filename):
-                return path
-    offline = " (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE else ""
-    raise TeacherWeightsError(
-        f"no config.json + weights ({' or '.join(HUB_WEIGHT_FILES)}) for hf-hub:{repo} in the Hugging Face "
-        f"cache {hf_constants.HF_HUB_CACHE}{offline}. Pre-download them where the hub is reachable with "
-        f"`hf download {repo}` (gated repos: accept the terms on https://huggingface.co/{repo} and "
-        "`hf auth login` first), then point HF_HOME or HF_HUB_CACHE at that cache; or pass a local weights file."
-    )
-
-
-def _hub_file(repo: str, filename: str) -> Path | None:
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
-        return None
-    except RepositoryNotFoundError as err:  # includes GatedRepoError
-        raise TeacherWeightsError(
-            f"hf-hub:{repo} is gated or not visible to this account: accept its terms on "
-            f"https://huggingface.co/{repo} and run `hf auth login`, or pass a local weights file"
-        ) from err
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise TeacherWeightsError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path)
-    if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
-        raise TeacherWeightsError(f"{path}: unsupported weights format; use one of {LOCAL_WEIGHT_SUFFIXES}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise TeacherWeightsError(
-            f"{path}: refusing to unpickle anything but tensors (torch.load weights_only=True): {err}"
-        ) from err
-
-
-def _load_state_dict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Strict load whose error names the first few missing and unexpected keys, not thousands."""
-    expected, given = set(module.state_dict()), set(state)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        raise TeacherWeightsError(
-            f"{what}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
-        )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise TeacherWeightsError(f"{what}: {err}") from err

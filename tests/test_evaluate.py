@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import zarr
 from PIL import Image
 
-from distill.data import student_pixels
 from distill.evaluate.demo_set import LABEL_RULE, TILES_PER_CLASS, build_demo_set, demo_dataset
 from distill.evaluate.models import StoredFeatures, StudentEmbedder, cached_embeddings, check_teacher_names, fit_to_model
 from distill.evaluate.run import EvaluateError, run_evaluate
@@ -32,7 +31,7 @@ from pipeline.geometry import resize_area
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(img_size=32, depth=2)  # vit_tiny: D = 192
-META = dict(input_px=32, target_mpp=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+META = dict(input_px=32, target_mpp=0.5)
 CROP = 48  # px of the dataset images, at 0.5 um/px: the tiny student's 32 px field is their centre
 PER_SPLIT = {"train": 40, "val": 20, "test": 40}  # images per class
 
@@ -366,7 +365,7 @@ def test_fidelity_is_re_measured_on_the_run_s_held_out_slides(tmp_path, he_pixel
     assert all(s["r2"] < 0.2 and -1 <= s["cos"] < 0.9 for by_dim in found["recomputed"].values() for s in by_dim.values())
     rows = np.flatnonzero((run["slide"] == 3) & ((run["flags"] & FLAG_READ_FAILED) == 0))
     with torch.no_grad():
-        z = student(student_pixels(torch.from_numpy(run["tiles"][rows]), META["mean"], META["std"]))
+        z = student(student.preprocess(torch.from_numpy(run["tiles"][rows])))
         predicted = heads.head("beta", 16)(z[:, :16])
         target = standardizers["beta"](torch.from_numpy(run["targets"]["beta"][rows, 0].astype(np.float32)))
     assert found["recomputed"]["beta"]["16"]["cos"] == pytest.approx(F.cosine_similarity(predicted, target).mean().item(), abs=1e-4)

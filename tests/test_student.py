@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import safetensors.torch
@@ -15,10 +14,13 @@ from distill import load_student
 from distill.export import export_student, load_heads
 from distill.standardize import fit_standardizer
 from distill.student import NestedHeads, Student, default_nested_dims
+from hub_cache import cached_snapshot, use_offline_cache
+from pipeline.weights import WeightsError
 
 ARCH = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, depth=2)  # D = 192
-META = dict(input_px=32, target_mpp=0.5, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+META = dict(input_px=32, target_mpp=0.5)
+PATHOLOGY_STATS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # not timm's default
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,17 @@ def test_nested_dims_must_increase_within_the_width():
         Student(ARCH, TINY, nested_dims=[64, 32])
 
 
+def test_preprocess_normalises_uint8_tiles_with_the_student_s_stats():
+    student = Student(ARCH, TINY, **PATHOLOGY_STATS)
+    tiles = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = tiles.permute(0, 3, 1, 2).float().div_(255)  # the formula training has always used
+    mean = torch.tensor(PATHOLOGY_STATS["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(PATHOLOGY_STATS["std"]).view(1, 3, 1, 1)
+    assert torch.equal(student.preprocess(tiles), (pixels - mean) / std)
+    default = Student(ARCH, TINY)  # timm's pretrained config names the stats unless they are given
+    assert (default.mean, default.std) == (default.backbone.pretrained_cfg["mean"], default.backbone.pretrained_cfg["std"])
+
+
 def test_random_init_is_seeded():
     first, again, other = (Student(ARCH, TINY, init=f"random:{seed}") for seed in (1, 1, 2))
     assert torch.equal(first.backbone.pos_embed, again.backbone.pos_embed)
@@ -119,17 +132,10 @@ def test_init_resamples_position_embeddings_to_the_student_size(tmp_path, source
 
 
 def test_init_from_the_hugging_face_cache_offline(tmp_path, monkeypatch, source, images):
-    cached_repo, revision = tmp_path / "models--pathdistill--tiny-vit", "0" * 40  # the cache's own layout
-    (cached_repo / "snapshots" / revision).mkdir(parents=True)
-    safetensors.torch.save_file(source.state_dict(), cached_repo / "snapshots" / revision / "model.safetensors")
-    (cached_repo / "refs").mkdir()
-    (cached_repo / "refs" / "main").write_text(revision)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    student = Student(ARCH, TINY, init="hf-hub:pathdistill/tiny-vit").eval()
+    safetensors.torch.save_file(source.state_dict(), cached_snapshot(tmp_path, "pathdistill/tiny-vit") / "model.safetensors")
+    use_offline_cache(monkeypatch, tmp_path)
+    student = Student(ARCH, TINY, init="hf-hub:pathdistill/tiny-vit").eval()  # the classifier in the repo is dropped
     assert torch.equal(backbone_output(student.backbone, images), backbone_output(source, images))
-    with pytest.raises(FileNotFoundError, match="'hf-hub:pathdistill/absent' is not in the Hugging Face cache"):
-        Student(ARCH, TINY, init="hf-hub:pathdistill/absent")
 
 
 def test_init_from_a_checkpoint_with_wrong_keys_names_them(tmp_path, source):
@@ -138,17 +144,15 @@ def test_init_from_a_checkpoint_with_wrong_keys_names_them(tmp_path, source):
     weights["adapter.weight"] = torch.zeros(3)
     path = tmp_path / "wrong.safetensors"
     safetensors.torch.save_file(weights, path)
-    with pytest.raises(ValueError, match=r"wrong\.safetensors.*does not fit") as error:
+    with pytest.raises(WeightsError, match=r"wrong\.safetensors.*does not fit") as error:
         Student(ARCH, TINY, init=str(path))
     assert "cls_token" in str(error.value) and "adapter.weight" in str(error.value)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        Student(ARCH, TINY, init=str(tmp_path / "missing.pt"))
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny student exported with tied heads, and the objects it was exported from."""
-    student = Student(ARCH, TINY, nested_dims=[16, 64, 192]).eval()
+    student = Student(ARCH, TINY, nested_dims=[16, 64, 192], **PATHOLOGY_STATS).eval()
     rng = np.random.default_rng(0)
     standardizers = {
         "uni": fit_standardizer(rng.normal(size=(200, 24)), "phi-s"),
@@ -170,6 +174,7 @@ def test_export_writes_what_is_needed_to_use_the_student(exported):
         "virchow": {"width": 40, "standardizer": "zscore"},
     }
     assert {key: record[key] for key in META} == META
+    assert (record["mean"], record["std"]) == (list(student.mean), list(student.std))
     weights = safetensors.torch.load_file(directory / "student.safetensors")
     assert weights.keys() == student.backbone.state_dict().keys()
 
@@ -178,6 +183,7 @@ def test_export_then_load_gives_the_same_embeddings(exported, images):
     directory, student, _, _ = exported
     loaded = load_student(directory / "student.json")
     assert not loaded.training and loaded.nested_dims == [16, 64, 192]
+    assert (loaded.mean, loaded.std) == (student.mean, student.std) == (PATHOLOGY_STATS["mean"], PATHOLOGY_STATS["std"])
     with torch.no_grad():
         for dim in (16, 64, 192):
             assert torch.equal(loaded.embed(images, dim=dim), student.embed(images, dim=dim))
@@ -208,4 +214,6 @@ def test_export_refuses_incomplete_meta(exported, tmp_path):
     without_mpp = {key: value for key, value in META.items() if key != "target_mpp"}
     with pytest.raises(ValueError, match="target_mpp"):
         export_student(student, tmp_path / "other", without_mpp, standardizers, heads)
+    with pytest.raises(ValueError, match=r"must not set \['mean'\]"):  # the student's own stats are written
+        export_student(student, tmp_path / "other", {**META, "mean": [0.5, 0.5, 0.5]}, standardizers, heads)
     assert not (tmp_path / "other" / "student.json").exists()

@@ -43,6 +43,6 @@ def fidelity(run_dir: Path, student_dir: Path, rows: int | None) -> dict:
     if data.tile_store_id != record["tile_store_id"] or [slide.name for slide in data.split.val] != held_out:
         return {"skipped": f"{data.tile_path} is not the tile store the student was distilled from (store {record['tile_store_id']}, held out {held_out})"}
     heads, standardizers = load_heads(student_dir)
-    model = Distiller(load_student(student_dir), heads, standardizers, record["mean"], record["std"], settings)
+    model = Distiller(load_student(student_dir), heads, standardizers, settings)
     scores, measured_rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
     return {"held_out_slides": held_out, "rows": measured_rows, "run": record["final_val"], "recomputed": scores}

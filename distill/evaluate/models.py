@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from distill.data import student_pixels
 from distill.evaluate.datasets import EvaluateError, ImageSource, StoreTiles
 from distill.export import load_student, read_student_json
 from pipeline.console import progress_bar
@@ -73,7 +72,6 @@ class StudentEmbedder:
         self.record = record
         self.widths = {"z": dims}
         self.mpp, self.tile_px = float(record["target_mpp"]), int(record["input_px"])
-        self.mean, self.std = list(record["mean"]), list(record["std"])
         # Distilled only from stand-ins, the student is a stand-in too, and is labelled so.
         teachers = record["teachers"]
         self.stand_in = bool(teachers) and all(name in TEACHERS and TEACHERS[name].stand_in for name in teachers)
@@ -83,7 +81,7 @@ class StudentEmbedder:
 
     def embed(self, tiles: Tensor) -> dict[str, Tensor]:
         with torch.inference_mode():
-            return {"z": self.student(student_pixels(tiles, self.mean, self.std))}
+            return {"z": self.student(self.student.preprocess(tiles))}
 
 
 class TeacherEmbedder:
