@@ -12,10 +12,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import PathdistillError
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PathdistillError, ValueError):
     """The configuration file or a flag is invalid; the message says which key and why."""
 
 

@@ -24,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.config import StoreConfig
+from pipeline.errors import PathdistillError
 from pipeline.files import write_text_atomically
 
 TILES_SCHEMA = "pathdistill.tiles/1"
@@ -31,7 +32,7 @@ FEATURES_SCHEMA = "pathdistill.features/1"
 VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
 
 
-class StoreError(ValueError):
+class StoreError(PathdistillError, ValueError):
     """A store is missing, of the wrong schema, or does not match what the command was given."""
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.errors import PathdistillError
 from pipeline.files import sha256_file
 
 POOLS = {
@@ -57,11 +58,11 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
 
-class UnknownTeacherError(ValueError):
+class UnknownTeacherError(PathdistillError, ValueError):
     """No registry entry has this name."""
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(PathdistillError, RuntimeError):
     """Weights are missing, unreadable, unsafe, or do not fit the spec's architecture."""
 
 

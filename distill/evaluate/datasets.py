@@ -20,6 +20,7 @@ import zarr
 from PIL import Image
 
 from pipeline.config import EvalDatasetConfig
+from pipeline.errors import PathdistillError
 from pipeline.stores import TILES_SCHEMA, StoreError, open_store
 from pipeline.tiles.slide_tiles import FLAG_READ_FAILED
 
@@ -29,7 +30,7 @@ CARVED_VAL_FRACTION = 0.2  # of each class's train items, when a set has no val 
 CARVE_SEED = 0
 
 
-class EvaluateError(ValueError):
+class EvaluateError(PathdistillError, ValueError):
     """An evaluation input is missing or malformed; the message names it and says what to do."""
 
 

@@ -20,6 +20,7 @@ import ray
 
 from pipeline.config import Config, ConfigError, FeaturesConfig
 from pipeline.console import progress_bar, results, table
+from pipeline.errors import PathdistillError
 from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
@@ -32,7 +33,7 @@ from pipeline.views import expand_views
 FLOAT16_MAX = 65504.0
 
 
-class NonFiniteFeatures(RuntimeError):
+class NonFiniteFeatures(PathdistillError, RuntimeError):
     """A teacher produced NaN/Inf (or values beyond float16) for some rows: nothing is written."""
 
 

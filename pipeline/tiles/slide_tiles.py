@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from skimage import segmentation
 
 from pipeline.config import TilingConfig, TissueConfig
+from pipeline.errors import PathdistillError
 from pipeline.geometry import ReadPlan, plan_read, read_mpp, tile_grid
 from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource, content_hash
 from pipeline.tiles.tissue import read_overview, tissue_fractions, tissue_mask
@@ -27,7 +28,7 @@ FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels ar
 BLOCK_CELLS = (4, 8)  # grid rows x columns read with one OpenSlide call
 
 
-class SlideSkipped(Exception):
+class SlideSkipped(PathdistillError):
     """The slide cannot be tiled; the message is the reason recorded for it."""
 
 

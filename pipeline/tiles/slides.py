@@ -11,6 +11,7 @@ import numpy as np
 import openslide
 import yaml
 
+from pipeline.errors import PathdistillError
 from pipeline.tiles.tiff_levels import TiffLevelError, TiffLevels
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
@@ -20,7 +21,7 @@ HASH_SAMPLES = 16
 HASH_BLOCK = 1 << 20
 
 
-class SlideReadError(RuntimeError):
+class SlideReadError(PathdistillError, RuntimeError):
     """A region could not be read, even after reopening the slide."""
 
 
