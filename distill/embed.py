@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from distill.data import student_pixels
-from distill.export import load_student, read_student_json
+from distill.export import StudentError, load_student, read_student_json
 from pipeline.config import StoreConfig
 from pipeline.console import progress_bar
 from pipeline.stores import TILES_SCHEMA, StoreError, UnitMarkers, create_feature_store, open_store, unit_ranges, write_rows
@@ -28,7 +28,7 @@ def embed_tile_store(student_dir: Path, tile_store: Path, out_store: Path, dim: 
     student = load_student(student_dir)
     _, record = read_student_json(student_dir)
     if not 1 <= dim <= student.width:
-        raise ValueError(f"dim={dim} is outside the student's embedding: choose 1..{student.width} (trained nested dims {student.nested_dims})")
+        raise StudentError(f"dim={dim} is outside the embedding of the student in {student_dir}: choose 1..{student.width} (trained nested dims {student.nested_dims})")
     tiles = open_store(tile_store, TILES_SCHEMA)
     tiling = tiles.attrs["tiling"]
     if tiling["tile_px"] != record["input_px"]:

@@ -271,7 +271,7 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
     """The configured student, refused with the key to fix when it cannot take these tiles or dims."""
     try:
         student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: an init checkpoint that is not there
         raise ConfigError(f"distill.student / nested_dims / init: {error}") from error
     if set(settings.dim_weights) - set(student.nested_dims):
         raise ConfigError(f"distill.dim_weights names dims {sorted(settings.dim_weights)}; the nested dims are {student.nested_dims}")
