@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.console import console
-from pipeline.stores import StoreError
-from pipeline.submit import KubernetesStage, RayStage, SubmitError
+from pipeline.errors import PathdistillError
+from pipeline.submit import KubernetesStage, RayStage
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil pathology foundation models into small nested-embedding students.")
+
+class ReportErrors(TyperGroup):
+    """Every command runs inside this group's invoke, so `python cli.py`, the `pathdistill` script and
+    CliRunner alike turn a PathdistillError into one line `error: MESSAGE` on stderr and exit code 2.
+    Any other exception is a bug: it propagates with its traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PathdistillError as error:
+            # Raised in a Ray task, the error arrives as RayTaskError(ItsClass), whose str is the remote traceback.
+            message = str(getattr(error, "cause", error))
+            console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=ReportErrors, add_completion=False, no_args_is_help=True,
+    help="Distil pathology foundation models into small nested-embedding students.",
+)
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="run configuration (YAML); default: configs/demo.yaml")]
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="run directory (overrides 'run' in the config)")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-
-
-def fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
-    raise typer.Exit(2)
 
 
 @app.command("demo-data")
@@ -50,14 +66,11 @@ def tiles(
     """Slides -> RUN/tiles.zarr (resumable: a rerun does only the missing units)."""
     from pipeline.tiles.stage import print_summary, run_tiles
 
-    try:
-        settings = load_config(config, {
-            "run": out, "slides": [str(s) for s in slides] if slides else None, "ray.address": address,
-            "tiling.target_mpp": target_mpp, "tiling.tile_px": tile_px,
-        })
-        summary = run_tiles(settings, overwrite=overwrite)
-    except (ConfigError, StoreError, FileNotFoundError) as error:
-        fail(error)
+    settings = load_config(config, {
+        "run": out, "slides": [str(s) for s in slides] if slides else None, "ray.address": address,
+        "tiling.target_mpp": target_mpp, "tiling.tile_px": tile_px,
+    })
+    summary = run_tiles(settings, overwrite=overwrite)
     if as_json:
         print(json.dumps(summary.as_record(), indent=2))
     else:
@@ -77,13 +90,9 @@ def features(
 ) -> None:
     """RUN/tiles.zarr + teachers -> RUN/features/<teacher>.zarr (every teacher reads each tile once; resumable)."""
     from pipeline.features.stage import print_summary, run_features
-    from pipeline.teachers import UnknownTeacherError
 
-    try:
-        settings = load_config(config, {"run": out, "ray.address": address})
-        summary = run_features(settings, teachers.split(",") if teachers else None, overwrite=overwrite)
-    except (ConfigError, StoreError, UnknownTeacherError) as error:
-        fail(error)
+    settings = load_config(config, {"run": out, "ray.address": address})
+    summary = run_features(settings, teachers.split(",") if teachers else None, overwrite=overwrite)
     if as_json:
         print(json.dumps(summary.as_record(), indent=2))
     else:
@@ -102,11 +111,8 @@ def distill(
     from distill.train_log import print_summary
     from distill.train import run_distill
 
-    try:
-        settings = load_config(config, {"run": out, "distill.steps": steps})
-        summary = run_distill(settings, resume=resume)
-    except (ConfigError, StoreError, FileNotFoundError) as error:
-        fail(error)
+    settings = load_config(config, {"run": out, "distill.steps": steps})
+    summary = run_distill(settings, resume=resume)
     if not summary:  # ranks other than 0 under torchrun
         return
     if as_json:
@@ -124,13 +130,9 @@ def embed(
 ) -> None:
     """Student embeddings at one nested width for a tile store, into a feature store."""
     from distill.embed import embed_tile_store
-    from pipeline.weights import WeightsError
 
-    try:
-        summary = embed_tile_store(student, tiles_store, out_store, dim)
-        console.print(f"{out_store}: {summary.rows_done} rows embedded, {summary.units_run}/{summary.units_total} units run")
-    except (StoreError, ValueError, WeightsError) as error:
-        fail(error)
+    summary = embed_tile_store(student, tiles_store, out_store, dim)
+    console.print(f"{out_store}: {summary.rows_done} rows embedded, {summary.units_run}/{summary.units_total} units run")
 
 
 @app.command()
@@ -141,14 +143,10 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
-    from distill.evaluate.run import EvaluateError, print_summary, run_evaluate
-    from pipeline.weights import WeightsError
+    from distill.evaluate.run import print_summary, run_evaluate
 
-    try:
-        settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None})
-        result = run_evaluate(settings)
-    except (ConfigError, StoreError, EvaluateError, WeightsError) as error:
-        fail(error)
+    settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None})
+    result = run_evaluate(settings)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -183,10 +181,7 @@ def inspect_store(
     """Human summary of a store (read-only)."""
     from pipeline.inspect_store import describe_store, print_description
 
-    try:
-        description = describe_store(path, verify=verify)
-    except StoreError as error:
-        fail(error)
+    description = describe_store(path, verify=verify)
     if as_json:
         print(json.dumps(description, indent=2, default=str))
     else:
@@ -215,17 +210,14 @@ def submit_slurm(
     """Render clusters/slurm/ray-stage.sbatch into RUN/slurm/STAGE.sbatch and sbatch it (resubmit it to resume)."""
     from pipeline.submit import SlurmOptions, render_sbatch, submit_slurm as submit
 
-    try:
-        options = SlurmOptions(**_given(
-            stage=stage, config=config, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
-            partition=partition, time=time, python=python,
-        ))
-        if dry_run:
-            print(render_sbatch(options), end="")
-            return
-        job_id, script = submit(options)
-    except (ConfigError, SubmitError) as error:
-        fail(error)
+    options = SlurmOptions(**_given(
+        stage=stage, config=config, nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
+        partition=partition, time=time, python=python,
+    ))
+    if dry_run:
+        print(render_sbatch(options), end="")
+        return
+    job_id, script = submit(options)
     console.print(f"submitted Slurm job {job_id}: {script}")
 
 
@@ -242,13 +234,10 @@ def submit_k8s(
     """Render clusters/k8s/ for a run (a ConfigMap with the config + the RayJob or Job) and kubectl apply it."""
     from pipeline.submit import KubernetesOptions, render_kubernetes, submit_kubernetes
 
-    try:
-        options = KubernetesOptions(**_given(
-            stage=stage, config=config, image=image, pvc=pvc, workers=workers, gpus_per_worker=gpus_per_worker,
-        ))
-        print(render_kubernetes(options) if dry_run else submit_kubernetes(options), end="")
-    except (ConfigError, SubmitError) as error:
-        fail(error)
+    options = KubernetesOptions(**_given(
+        stage=stage, config=config, image=image, pvc=pvc, workers=workers, gpus_per_worker=gpus_per_worker,
+    ))
+    print(render_kubernetes(options) if dry_run else submit_kubernetes(options), end="")
 
 
 def _given(**values):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distill.export import load_student, read_student_json
+from distill.export import StudentError, load_student, read_student_json
 from distill.student import Student
 from pipeline.config import RayConfig, StoreConfig
 from pipeline.embedding import ActorSettings, EmbedSummary, embed_pool
@@ -74,7 +74,7 @@ def embed_tile_store(
     _, record = read_student_json(student_dir)
     width = record["width"]
     if not 1 <= dim <= width:
-        raise ValueError(f"dim={dim} is outside the student's embedding: choose 1..{width} (trained nested dims {record['nested_dims']})")
+        raise StudentError(f"dim={dim} is outside the embedding of the student in {student_dir}: choose 1..{width} (trained nested dims {record['nested_dims']})")
     tiles = open_tile_store(tile_store)
     tiles.require_finished("tiles")
     tiling = tiles.attrs.tiling

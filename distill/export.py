@@ -23,10 +23,16 @@ from torch import Tensor, nn
 
 from distill.standardize import Standardizer
 from distill.student import NestedHeads, Student
+from pipeline.errors import PathdistillError
 from pipeline.files import atomic_path, write_text_atomically
+from pipeline.weights import WeightsError
 
 SCHEMA = "pathdistill.student/1"
 REQUIRED_META = ("input_px", "target_mpp")
+
+
+class StudentError(PathdistillError, ValueError):
+    """The path given holds no usable exported student, or the student cannot do what was asked."""
 
 
 def export_student(
@@ -73,9 +79,12 @@ def load_student(path: str | Path) -> Student:
     """The exported student (directory or its student.json) in eval mode, ready for embed(x, dim=m)."""
     directory, record = read_student_json(path)
     weights = directory / "student.safetensors"
-    return Student(
-        record["arch"], record["timm_kwargs"], record["nested_dims"], init=str(weights), mean=record["mean"], std=record["std"]
-    ).eval()
+    try:
+        return Student(
+            record["arch"], record["timm_kwargs"], record["nested_dims"], init=str(weights), mean=record["mean"], std=record["std"]
+        ).eval()
+    except (ValueError, WeightsError) as error:  # weights missing, or not those student.json describes
+        raise StudentError(f"the student in {directory} cannot be loaded: {error}; export it again") from error
 
 
 def load_heads(path: str | Path) -> tuple[NestedHeads, dict[str, Standardizer]]:
@@ -94,10 +103,13 @@ def read_student_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
     path = Path(path)
     json_path = path / "student.json" if path.is_dir() else path
     if not json_path.is_file():
-        raise FileNotFoundError(f"no exported student at {path}: give a student/ directory or its student.json")
-    record = json.loads(json_path.read_text())
+        raise StudentError(f"no exported student at {path}: give a student/ directory or its student.json")
+    try:
+        record = json.loads(json_path.read_text())
+    except ValueError as error:  # not UTF-8 or not JSON: e.g. the .safetensors file given for student.json
+        raise StudentError(f"{json_path} is not a student.json ({error}): give a student/ directory or its student.json") from error
     if record.get("schema") != SCHEMA:
-        raise ValueError(f"{json_path} has schema {record.get('schema')!r}, this code reads {SCHEMA}")
+        raise StudentError(f"{json_path} has schema {record.get('schema')!r}, this code reads {SCHEMA}: give a student exported by distill")
     return json_path.parent, record
 
 

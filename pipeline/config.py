@@ -13,11 +13,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.geometry import MPP_TOLERANCE
+from pipeline.errors import PathdistillError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PathdistillError, ValueError):
     """The configuration file or a flag is invalid; the message says which key and why."""
 
 

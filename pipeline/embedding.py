@@ -23,6 +23,7 @@ import ray
 
 from pipeline.config import StoreConfig
 from pipeline.console import progress_bar
+from pipeline.errors import PathdistillError
 from pipeline.ray_runtime import completed
 from pipeline.stores import (
     FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, create_feature_store, open_feature_store,
@@ -33,7 +34,7 @@ from pipeline.views import apply_view
 FLOAT16_MAX = 65504.0
 
 
-class NonFiniteFeatures(RuntimeError):
+class NonFiniteFeatures(PathdistillError, RuntimeError):
     """An embedder produced NaN/Inf (or values beyond float16) for some rows: nothing is written."""
 
 

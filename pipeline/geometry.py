@@ -26,17 +26,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import PathdistillError
+
 MPP_TOLERANCE = 0.05  # relative mpp difference treated as equal, unless a run sets tiling.mpp_tolerance
 # Vendor-specific keys that carry microns per pixel directly.
 VENDOR_MPP_KEYS = ("aperio.MPP", "openslide.mirax.MPP")
 RESOLUTION_UNIT_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 
 
-class MppError(ValueError):
+class MppError(PathdistillError, ValueError):
     """The slide has no usable microns-per-pixel value and none was given."""
 
 
-class UpsampleError(ValueError):
+class UpsampleError(PathdistillError, ValueError):
     """The target resolution is finer than the slide's base level."""
 
 

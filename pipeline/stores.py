@@ -33,6 +33,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.config import Config, StoreConfig
+from pipeline.errors import PathdistillError
 from pipeline.files import write_text_atomically
 
 TILES_SCHEMA = "pathdistill.tiles/1"
@@ -48,7 +49,7 @@ FLAG_PADDED = 2  # the context margin reaches outside the slide; those pixels ar
 DEMO_SOURCES_FILE = "SOURCES.json"
 
 
-class StoreError(ValueError):
+class StoreError(PathdistillError, ValueError):
     """A store is missing, of the wrong schema, or does not match what the command was given."""
 
 

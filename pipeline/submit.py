@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import DEMO_CONFIG, Config, load_config
 from pipeline.console import console
+from pipeline.errors import PathdistillError
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS = REPO / "clusters"
@@ -36,7 +37,7 @@ RAY_VERSION = version("ray")  # the image and the manifests' rayVersion must mat
 MAX_RAYJOB_NAME = 47  # KubeRay derives cluster and pod names from it and refuses longer names
 
 
-class SubmitError(RuntimeError):
+class SubmitError(PathdistillError, RuntimeError):
     """Rendering or submitting failed; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.errors import PathdistillError
 from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
 from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
@@ -45,7 +46,7 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
 
-class UnknownTeacherError(ValueError):
+class UnknownTeacherError(PathdistillError, ValueError):
     """No registry entry has this name."""
 
 

@@ -33,6 +33,7 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from pipeline.errors import PathdistillError
 from pipeline.files import sha256_file
 
 # The order timm tries for hub checkpoints: safetensors first, the pickle only as a fallback.
@@ -44,7 +45,7 @@ SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[@REVISION] or a {' / '.join(LOCAL_
 Module = TypeVar("Module", bound=nn.Module)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(PathdistillError, RuntimeError):
     """Weights are missing, unreadable, unsafe, or do not fit the architecture."""
 
 

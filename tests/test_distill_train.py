@@ -20,6 +20,7 @@ import zarr
 
 from distill import load_student
 from distill.embed import embed_tile_store
+from distill.export import StudentError
 from distill.train import learning_rate, run_distill
 from distill_run import config_for, make_run, write_config
 from pipeline.config import DistillConfig
@@ -140,7 +141,7 @@ def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
     assert resumed.units_run == 1 and resumed.rows_done == 32 and np.array_equal(zarr.open_array(str(out / "embedding"), mode="r")[:], before)
     with pytest.raises(StoreError, match=r"computed differently:\n  - teacher: .*'dim': 64.*Use --overwrite"):
         embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=32)
-    with pytest.raises(ValueError, match=r"choose 1..192"):
+    with pytest.raises(StudentError, match=r"choose 1..192"):
         embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", tmp_path / "other.zarr", dim=400)
 
 

@@ -20,6 +20,7 @@ import zarr
 from PIL import Image
 
 from pipeline.config import EvalDatasetConfig
+from pipeline.errors import PathdistillError
 from pipeline.stores import FLAG_READ_FAILED, StoreError, open_tile_store
 
 SPLITS = ("train", "val", "test")
@@ -28,7 +29,7 @@ CARVED_VAL_FRACTION = 0.2  # of each class's train items, when a set has no val 
 CARVE_SEED = 0
 
 
-class EvaluateError(ValueError):
+class EvaluateError(PathdistillError, ValueError):
     """An evaluation input is missing or malformed; the message names it and says what to do."""
 
 

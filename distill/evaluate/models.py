@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from distill.evaluate.datasets import EvaluateError, ImageSource, StoreTiles
-from distill.export import load_student, read_student_json
+from distill.export import StudentError, load_student, read_student_json
 from pipeline.console import progress_bar
 from pipeline.files import atomic_path
 from pipeline.geometry import resize_area
@@ -61,7 +61,7 @@ class StudentEmbedder:
     def __init__(self, directory: Path, dims: list[int] | None = None):
         try:
             directory, record = read_student_json(directory)
-        except FileNotFoundError as error:
+        except StudentError as error:
             raise EvaluateError(f"{error}; run `make distill` first, or set evaluate.student to an exported student directory") from error
         self.student = load_student(directory)
         width = self.student.width

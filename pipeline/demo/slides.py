@@ -27,6 +27,7 @@ import tifffile
 from PIL import Image
 from rich.console import Console
 
+from pipeline.errors import PathdistillError
 from pipeline.files import atomic_path, sha256_file, write_text_atomically
 from pipeline.stores import DEMO_SOURCES_FILE
 
@@ -105,7 +106,7 @@ ENCODE_BUFFER_BYTES = 32 * 2**20
 console = Console(stderr=True, soft_wrap=True)  # one line per slide, even in narrow logs
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(PathdistillError, RuntimeError):
     """A demo input could not be fetched or does not match what was pinned."""
 
 

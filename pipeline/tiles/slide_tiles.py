@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from skimage import segmentation
 
 from pipeline.config import TilingConfig, TissueConfig
+from pipeline.errors import PathdistillError
 from pipeline.geometry import ReadPlan, plan_read, read_mpp, resize_area, tile_grid
 from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, SlideRecord
 from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource, content_hash
@@ -25,7 +26,7 @@ from pipeline.tiles.tissue import read_overview, tissue_fractions, tissue_mask
 BLOCK_CELLS = (4, 8)  # grid rows x columns read with one OpenSlide call
 
 
-class SlideSkipped(Exception):
+class SlideSkipped(PathdistillError):
     """The slide cannot be tiled; the message is the reason recorded for it."""
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import openslide
 import yaml
 
+from pipeline.config import ConfigError
+from pipeline.errors import PathdistillError
 from pipeline.tiles.tiff_levels import TiffLevelError, TiffLevels
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
@@ -20,7 +22,7 @@ HASH_SAMPLES = 16
 HASH_BLOCK = 1 << 20
 
 
-class SlideReadError(RuntimeError):
+class SlideReadError(PathdistillError, RuntimeError):
     """A region could not be read, even after reopening the slide."""
 
 
@@ -51,7 +53,7 @@ def discover_slides(entries: list[Path]) -> list[SlideSource]:
 
 def _read_manifest(manifest: Path) -> list[SlideSource]:
     if not manifest.is_file():
-        raise FileNotFoundError(f"slide manifest {manifest} does not exist; fix the path in the config or command line")
+        raise ConfigError(f"slide manifest {manifest} does not exist; fix the path in the config or command line")
     if manifest.suffix.lower() == ".csv":
         with manifest.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -60,7 +62,7 @@ def _read_manifest(manifest: Path) -> list[SlideSource]:
     sources = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("path"):
-            raise ValueError(f"{manifest}: entry {number} has no 'path'; each entry needs path and optionally mpp")
+            raise ConfigError(f"{manifest}: entry {number} has no 'path'; each entry needs path and optionally mpp")
         path = Path(row["path"])
         if not path.is_absolute():
             path = manifest.parent / path

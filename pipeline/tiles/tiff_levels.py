@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from pipeline.errors import PathdistillError
+
 WHITE = 255  # outside the image, like OpenSlide's transparent pixels composited on white
 CACHED_TILES = 384  # decoded tiles kept (~75 MB of 256 px tiles): neighbouring blocks share edge tiles
 
 
-class TiffLevelError(RuntimeError):
+class TiffLevelError(PathdistillError, RuntimeError):
     """A tile of the level could not be read or decoded."""
 
 
