@@ -1,24 +1,31 @@
 """The exported student: backbone weights that plain timm loads, and what is needed to use them.
 
 RUN/student/
-  student.safetensors  the backbone's state dict in timm's key names, so that
-                         timm.create_model(arch, pretrained=True, num_classes=0,
-                                           pretrained_cfg_overlay=dict(file=...), **timm_kwargs)
-                       loads it without this package
+  student.safetensors  the backbone's state dict in timm's key names
+  model.safetensors    the same file (a hard link) under the name timm and the Hugging Face hub use
+  config.json          timm's config: architecture, model_args, and a pretrained_cfg whose input is
+                       exactly the training input (input_size, crop_pct 1.0, mean, std), so that
+                         timm.create_model("local-dir:RUN/student", pretrained=True)
+                       and timm.data.resolve_model_data_config give the student as it was trained;
+                       its "pathdistill" entry records the nested dims, width and target mpp
   student.json         pathdistill.student/1: arch, timm_kwargs, width D, nested_dims M, input px,
                        target mpp, input mean/std, teachers (target width, standardizer kind), heads
   heads.safetensors    heads and standardizers: to continue training, or to emulate the teachers
-                       (standardizer.inverse(heads(z))) from the student alone
+                       (``load_emulator(path).emulate(x, teacher, dim)``) from the student alone
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from distill.standardize import Standardizer
@@ -28,6 +35,9 @@ from pipeline.files import atomic_path, write_text_atomically
 from pipeline.weights import WeightsError
 
 SCHEMA = "pathdistill.student/1"
+TIMM_WEIGHTS = "model.safetensors"  # the file names timm's local-dir: and the Hugging Face hub read
+TIMM_CONFIG = "config.json"
+TIMM_INTERPOLATION = "bicubic"  # only for inputs larger than the student's: tiles at its mpp and px are not resampled
 REQUIRED_META = ("input_px", "target_mpp")
 
 
@@ -68,6 +78,8 @@ def export_student(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_tensors(student.backbone.state_dict(), out_dir / "student.safetensors")
+    _link_or_copy(out_dir / "student.safetensors", out_dir / TIMM_WEIGHTS)
+    _save_timm_config(student, record, out_dir / TIMM_CONFIG)
     head_state = nn.ModuleDict({"heads": heads, "standardizers": nn.ModuleDict(standardizers)}).state_dict()
     _save_tensors(head_state, out_dir / "heads.safetensors")
     json_path = out_dir / "student.json"
@@ -98,6 +110,31 @@ def load_heads(path: str | Path) -> tuple[NestedHeads, dict[str, Standardizer]]:
     return heads.eval(), standardizers
 
 
+@dataclass(frozen=True)
+class TeacherEmulator:
+    """The student with its heads and standardizers: predictions in each teacher's own feature space."""
+
+    student: Student
+    heads: NestedHeads
+    standardizers: dict[str, Standardizer]
+
+    def emulate(self, images: Tensor, teacher: str, dim: int) -> Tensor:
+        """What ``teacher`` would output for normalised ``images``, predicted from the first ``dim`` dims
+        of the student's embedding: student -> head (teacher, dim) -> inverse standardizer."""
+        if teacher not in self.standardizers:
+            raise StudentError(f"the student was not distilled from {teacher!r}; it emulates {sorted(self.standardizers)}")
+        if dim not in self.heads.nested_dims:
+            raise StudentError(f"dim={dim} has no head; the student's heads are at its nested dims {self.heads.nested_dims}")
+        with torch.inference_mode():
+            z = self.student.embed(images, dim=dim)
+            return self.standardizers[teacher].inverse(self.heads.head(teacher, dim)(z))
+
+
+def load_emulator(path: str | Path) -> TeacherEmulator:
+    heads, standardizers = load_heads(path)
+    return TeacherEmulator(load_student(path), heads, standardizers)
+
+
 def read_student_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """(export directory, student.json contents) for a directory or its student.json."""
     path = Path(path)
@@ -115,6 +152,39 @@ def read_student_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def _under(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _save_timm_config(student: Student, record: Mapping[str, Any], path: Path) -> None:
+    """timm's config.json (as timm's save_for_hf writes it), with the exact training input, so that no
+    loader falls back to the architecture's defaults (e.g. 518 px for a DINOv2 ViT built at 224)."""
+    px = record["input_px"]
+    source_cfg = student.backbone.pretrained_cfg
+    config = {
+        "architecture": student.arch,
+        "num_classes": 0,
+        "num_features": student.width,
+        "model_args": student.timm_kwargs,
+        "pretrained_cfg": {
+            **{key: source_cfg[key] for key in ("first_conv", "classifier", "fixed_input_size") if key in source_cfg},
+            "input_size": [3, px, px],
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "interpolation": TIMM_INTERPOLATION,
+            "mean": list(student.mean),
+            "std": list(student.std),
+            "num_classes": 0,
+        },
+        "pathdistill": {"schema": SCHEMA, **{key: record[key] for key in ("width", "nested_dims", "input_px", "target_mpp")}},
+    }
+    write_text_atomically(path, json.dumps(config, indent=2) + "\n")
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    with atomic_path(dest) as temporary:
+        try:
+            os.link(source, temporary)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, temporary)
 
 
 def _save_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import timm
 import torch
 
 from distill import load_student
-from distill.export import export_student, load_heads
+from distill.export import StudentError, export_student, load_emulator, load_heads
 from distill.standardize import fit_standardizer
 from distill.student import NestedHeads, Student, default_nested_dims
 from hub_cache import cached_snapshot, use_offline_cache
@@ -217,3 +218,36 @@ def test_export_refuses_incomplete_meta(exported, tmp_path):
     with pytest.raises(ValueError, match=r"must not set \['mean'\]"):  # the student's own stats are written
         export_student(student, tmp_path / "other", {**META, "mean": [0.5, 0.5, 0.5]}, standardizers, heads)
     assert not (tmp_path / "other" / "student.json").exists()
+
+
+@pytest.mark.parametrize("arch, kwargs, px", [(ARCH, TINY, 32), ("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 2}, 224)])
+def test_timm_loads_the_export_with_its_training_input(tmp_path, arch, kwargs, px):
+    """timm's own route (local-dir: plus resolve_model_data_config) gives the training input: not the
+    architecture's defaults (518 px for a DINOv2 ViT, crop_pct 0.9 for a ViT-Ti)."""
+    student = Student(arch, kwargs, **PATHOLOGY_STATS).eval()
+    heads = NestedHeads({"uni": 8}, student.nested_dims, hidden=16)
+    standardizers = {"uni": fit_standardizer(np.random.default_rng(0).normal(size=(50, 8)), "zscore")}
+    export_student(student, tmp_path, {**META, "input_px": px}, standardizers, heads)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, px, px) and config["crop_pct"] == 1.0
+    assert (tuple(config["mean"]), tuple(config["std"])) == (PATHOLOGY_STATS["mean"], PATHOLOGY_STATS["std"])
+    recorded = json.loads((tmp_path / "config.json").read_text())["pathdistill"]
+    assert recorded["nested_dims"] == student.nested_dims and recorded["target_mpp"] == META["target_mpp"]
+    assert os.path.samefile(tmp_path / "model.safetensors", tmp_path / "student.safetensors")
+    pixels = torch.randn(2, 3, px, px, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(pixels), student(pixels))
+
+
+def test_emulate_maps_the_student_into_each_teacher_s_space(exported, images):
+    directory, student, standardizers, heads = exported
+    emulator = load_emulator(directory)
+    with torch.no_grad():
+        expected = standardizers["virchow"].inverse(heads.head("virchow", 64)(student.embed(images, dim=64)))
+    assert torch.allclose(emulator.emulate(images, "virchow", 64), expected)
+    assert emulator.emulate(images, "uni", 16).shape == (len(images), 24)
+    with pytest.raises(StudentError, match="not distilled from 'gigapath'"):
+        emulator.emulate(images, "gigapath", 64)
+    with pytest.raises(StudentError, match=r"dim=50 has no head"):
+        emulator.emulate(images, "uni", 50)
