@@ -11,6 +11,7 @@ retried; a unit is recomputed whole, so retries and reruns write identical bytes
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -74,16 +75,23 @@ class EmbedSummary:
 
 
 class EmbedWorker:
-    """Holds one pool's embedders and an open tile store; computes and writes whole units."""
+    """Holds one pool's embedders and an open tile store; computes and writes whole units.
+
+    Embedders are built on first use, not in ``__init__``: Ray reports an error raised in a method with
+    the error itself (so a missing weights file reaches the user as one line), but an error raised in an
+    actor's ``__init__`` only as "the actor died"."""
 
     def __init__(self, tile_store: str, builders: dict[str, Callable[[str], Embedder]], settings: ActorSettings, views: list[dict], tile_px: int):
         import torch
 
         torch.set_num_threads(settings.threads_per_actor)
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.tiles = open_tile_store(Path(tile_store))
-        self.embedders = {name: build(device) for name, build in builders.items()}
-        self.settings, self.views, self.tile_px = settings, views, tile_px
+        self.builders, self.settings, self.views, self.tile_px = builders, settings, views, tile_px
+
+    @functools.cached_property
+    def embedders(self) -> dict[str, Embedder]:
+        return {name: build(self.device) for name, build in self.builders.items()}
 
     def provenance(self) -> dict[str, dict]:
         return {name: embedder.provenance() for name, embedder in self.embedders.items()}

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+from distill_run import make_run
 from typer.testing import CliRunner
 
 import distill
@@ -132,3 +134,18 @@ def test_every_project_error_derives_from_the_base():
 def test_input_errors_are_still_value_errors():
     """Callers that caught ValueError before the common base keep catching these."""
     assert all(issubclass(error, ValueError) for error in (ConfigError, StoreError, StudentError, EvaluateError))
+
+
+
+def test_missing_teacher_weights_are_one_line_from_inside_the_actor(tmp_path, he_pixels):
+    """Teachers are built inside Ray actors: a weights file that is not there still reaches the user as one line."""
+    make_run(tmp_path / "run", he_pixels)
+    config = tmp_path / "weights.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": str(tmp_path / "run"), "ray": {"num_cpus": 1},
+        "features": {"teachers": ["demo-vit"], "weights": {"demo-vit": str(tmp_path / "absent.safetensors")}, "actors": 1, "threads_per_actor": 1},
+    }))
+    result = run_cli("features", "--config", config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "absent.safetensors does not exist" in errors[0], result.stderr
