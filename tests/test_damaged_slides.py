@@ -13,6 +13,8 @@ import zarr
 
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.stores import FLAG_READ_FAILED
+from pipeline.tiles.slide_tiles import plan_slide
+from pipeline.tiles.slides import SlideSource
 from pipeline.tiles.stage import run_tiles
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -71,3 +73,20 @@ def test_a_damaged_single_level_slide_is_tiled_and_only_tiles_on_the_damage_are_
     assert not tiles_broken[flagged].any()
     assert np.array_equal(tiles_broken[~flagged], tiles_intact[~flagged])
     assert summary.read_failed_tiles == flagged.sum()
+
+
+@pytest.mark.parametrize("reader", ["auto", "openslide"])
+def test_a_slide_with_no_decodable_tile_fails_with_that_reason(tmp_path, real_svs, reader):
+    """Every level-0 JPEG tile zeroed: a failed slide saying so, not 'no tissue' or a slide of blank tiles."""
+    zeroed = tmp_path / "zeroed.svs"
+    shutil.copy(real_svs, zeroed)
+    with tifffile.TiffFile(zeroed) as tiff:
+        page = tiff.pages[0]
+        extents = list(zip(page.dataoffsets, page.databytecounts))
+    with open(zeroed, "r+b") as handle:
+        for offset, count in extents:
+            handle.seek(offset)
+            handle.write(b"\0" * count)
+    for min_fraction in (0.0, 0.25):
+        record = plan_slide(0, SlideSource(zeroed), TilingConfig(reader=reader), TissueConfig(min_fraction=min_fraction), None).record
+        assert record.status == "failed" and "none of its overview could be decoded" in record.error, record.error
