@@ -4,9 +4,11 @@ touch the damage are flagged. The damage is real bytes overwritten in a copy of 
 from __future__ import annotations
 
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import tifffile
 import zarr
@@ -16,6 +18,7 @@ from pipeline.stores import FLAG_READ_FAILED
 from pipeline.tiles.slide_tiles import plan_slide
 from pipeline.tiles.slides import SlideSource
 from pipeline.tiles.stage import run_tiles
+from pipeline.tiles.tiff_levels import TiffLevels
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 DAMAGED_BYTES = 64 * 1024
@@ -90,3 +93,30 @@ def test_a_slide_with_no_decodable_tile_fails_with_that_reason(tmp_path, real_sv
     for min_fraction in (0.0, 0.25):
         record = plan_slide(0, SlideSource(zeroed), TilingConfig(reader=reader), TissueConfig(min_fraction=min_fraction), None).record
         assert record.status == "failed" and "none of its overview could be decoded" in record.error, record.error
+
+
+def test_damaged_byte_counts_read_a_bounded_amount_and_still_decode(tmp_path, real_svs):
+    """Random TileByteCounts claim up to 4 GiB per tile, and reading that many bytes allocates that
+    much memory per tile; the JPEG data still starts at the right offset and decodes."""
+    damaged = tmp_path / "counts.svs"
+    shutil.copy(real_svs, damaged)
+    with tifffile.TiffFile(damaged) as tiff:
+        counts = tiff.pages[0].tags["TileByteCounts"]
+        table, table_bytes = counts.valueoffset, counts.valuebytecount
+    with open(damaged, "r+b") as handle:
+        handle.seek(table)
+        handle.write(np.random.default_rng(3).integers(0, 256, table_bytes, dtype=np.uint8).tobytes())
+    with openslide.OpenSlide(str(real_svs)) as slide:
+        dimensions, intact = slide.level_dimensions, np.asarray(slide.read_region((0, 0), 0, (240, 240)).convert("RGB"))
+    levels = TiffLevels(damaged, dimensions)
+    try:
+        assert levels.pages[0].databytecounts[0] > 2**30
+        tracemalloc.start()
+        try:
+            pixels = levels.read(0, 0, 0, 240, 240)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert np.array_equal(pixels, intact) and peak < 2**24
+    finally:
+        levels.close()
