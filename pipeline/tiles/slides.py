@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,4 +192,4 @@ class SlideReader:
 def _grid_pieces(start: int, length: int, tile: int) -> list[tuple[int, int]]:
     """[start, start + length) cut at the multiples of ``tile``, as (begin, end) pairs."""
     edges = [start, *range((start // tile + 1) * tile, start + length, tile), start + length]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
