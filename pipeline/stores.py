@@ -187,6 +187,7 @@ class SlideRecord(_Record):
     reader: str | None = None
     grid_tiles: int | None = None
     tissue_area_fraction: float | None = None
+    overview_unread_fraction: float | None = None  # of the overview, when part of it could not be decoded
     qc: str | None = None  # QC picture, relative to the run directory
     n_tiles: int | None = None
     rows: list[int] = field(default_factory=lambda: [0, 0])

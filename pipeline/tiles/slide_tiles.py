@@ -87,16 +87,21 @@ def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, til
     coords = tile_grid(slide.dimensions, plan)
     if len(coords) == 0:
         raise SlideSkipped(f"slide {tuple(slide.dimensions)} px is smaller than one tile ({plan.to_level0(plan.read_px)} level-0 px)")
-    overview = read_overview(reader, mpp0, tissue.mask_mpp)
+    overview, unread = read_overview(reader, mpp0, tissue.mask_mpp)
+    if unread.all():
+        raise SlideSkipped("none of its overview could be decoded: the image data is damaged; re-export or re-scan the slide")
     mask = tissue_mask(overview, tissue.mask_mpp, tuple(tissue.saturation_range), tissue.min_object_um2, tissue.min_hole_um2)
     fractions = tissue_fractions(mask, tissue.mask_mpp / mpp0, coords, plan.to_level0(plan.read_px))
     keep = fractions >= tissue.min_fraction
     record.update(grid_tiles=int(len(coords)), tissue_area_fraction=float(mask.mean()))
+    if unread.any():  # absent when all was read, so stores of undamaged slides keep their attrs
+        record["overview_unread_fraction"] = float(unread.mean())
     if qc_dir is not None:
         picture = draw_qc(qc_dir / f"{record['id']:05d}_{record['name']}.png", overview, mask, coords[keep], plan, tissue.mask_mpp / mpp0)
         record["qc"] = str(picture.relative_to(qc_dir.parent))  # relative to the run directory
     if not keep.any():
-        raise SlideSkipped(f"no tissue: no tile reaches tissue fraction {tissue.min_fraction} (tissue covers {mask.mean():.1%} of the overview)")
+        unread_note = f"; {unread.mean():.1%} of it could not be decoded" if unread.any() else ""
+        raise SlideSkipped(f"no tissue: no tile reaches tissue fraction {tissue.min_fraction} (tissue covers {mask.mean():.1%} of the overview{unread_note})")
     record.update(status="ok", n_tiles=int(keep.sum()))
     return SlidePlan(SlideRecord(**record), coords[keep], fractions[keep])
 

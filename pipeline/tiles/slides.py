@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import yaml
 
 from pipeline.config import ConfigError
 from pipeline.errors import PathdistillError
-from pipeline.tiles.tiff_levels import TiffLevelError, TiffLevels
+from pipeline.tiles.tiff_levels import WHITE, TiffLevelError, TiffLevels
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
 HASH_SAMPLES = 16
 HASH_BLOCK = 1 << 20
+UNTILED_PIECE_PX = 256  # piece size for re-reading a failed region of a level that names no tile size
 
 
 class SlideReadError(PathdistillError, RuntimeError):
@@ -136,6 +138,38 @@ class SlideReader:
             self.reopen()
             raise SlideReadError(f"{self.path}: region {location0} level {level} size {size}: {error}") from error
 
+    def read_tolerant(self, location0: tuple[int, int], level: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``read``, but what cannot be decoded comes back white and True in a bool mask [h, w]: one
+        undecodable JPEG tile must not cost a whole overview strip.
+
+        A failed region is read again one piece of the level's tile grid at a time, so the unread part
+        is exactly the undecodable tiles (for OpenSlide at a fractional downsample, a piece may touch a
+        neighbouring tile).
+        """
+        width, height = size
+        try:
+            return self.read(location0, level, size), np.zeros((height, width), bool)
+        except SlideReadError:
+            pass
+        downsample = self.slide.level_downsamples[level]
+        x, y = (int(round(v / downsample)) for v in location0)
+        pixels = np.full((height, width, 3), WHITE, np.uint8)
+        unread = np.zeros((height, width), bool)
+        tile_width, tile_height = self._tile_size(level)
+        for top, bottom in _grid_pieces(y, height, tile_height):
+            for left, right in _grid_pieces(x, width, tile_width):
+                piece = np.s_[top - y : bottom - y, left - x : right - x]
+                try:
+                    pixels[piece] = self.read((round(left * downsample), round(top * downsample)), level, (right - left, bottom - top))
+                except SlideReadError:
+                    unread[piece] = True
+        return pixels, unread
+
+    def _tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of the level's own tiles, the unit in which it fails to decode."""
+        properties = self.slide.properties
+        return tuple(int(properties.get(f"openslide.level[{level}].tile-{side}", UNTILED_PIECE_PX)) for side in ("width", "height"))
+
     def _read_once(self, location0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         return rgba_to_rgb(np.asarray(self.slide.read_region(location0, level, size)))
 
@@ -153,3 +187,9 @@ class SlideReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _grid_pieces(start: int, length: int, tile: int) -> list[tuple[int, int]]:
+    """[start, start + length) cut at the multiples of ``tile``, as (begin, end) pairs."""
+    edges = [start, *range((start // tile + 1) * tile, start + length, tile), start + length]
+    return list(itertools.pairwise(edges))

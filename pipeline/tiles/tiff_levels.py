@@ -19,6 +19,7 @@ from pipeline.errors import PathdistillError
 
 WHITE = 255  # outside the image, like OpenSlide's transparent pixels composited on white
 CACHED_TILES = 384  # decoded tiles kept (~75 MB of 256 px tiles): neighbouring blocks share edge tiles
+TILE_HEADER_BYTES = 1 << 16  # room for JPEG tables and markers inside a tile, beyond its pixels
 
 
 class TiffLevelError(PathdistillError, RuntimeError):
@@ -69,9 +70,12 @@ class TiffLevels:
 
     def _decode(self, page: tifffile.TiffPage, index: int) -> np.ndarray:
         handle = self.tiff.filehandle
+        # A damaged byte-count table can claim gigabytes per tile. No real tile takes more bytes than
+        # twice its pixels, so the bound changes only damaged counts (a JPEG ends at its own marker).
+        most_bytes = 2 * page.tilewidth * page.tilelength * page.samplesperpixel + TILE_HEADER_BYTES
         try:
             handle.seek(page.dataoffsets[index])
-            data = handle.read(page.databytecounts[index])
+            data = handle.read(min(page.databytecounts[index], most_bytes))
             tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         except Exception as error:  # noqa: BLE001 - any codec failure is a read failure of this tile
             raise TiffLevelError(f"{self.tiff.filename}: tile {index} of level page {page.index}: {error}") from error

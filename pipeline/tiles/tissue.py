@@ -16,11 +16,13 @@ from skimage import color, filters, morphology
 from pipeline.geometry import read_level
 from pipeline.tiles.slides import SlideReader
 
-STRIP_ROWS = 512  # overview rows produced per OpenSlide read, bounding memory on single-level slides
+STRIP_ROWS = 512  # overview rows produced per read, bounding memory on single-level slides
 
 
-def read_overview(reader: SlideReader, mpp0: float, overview_mpp: float) -> np.ndarray:
-    """The whole slide as RGB at ``overview_mpp``, read from the coarsest level fine enough for it."""
+def read_overview(reader: SlideReader, mpp0: float, overview_mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """The whole slide as RGB at ``overview_mpp``, read from the coarsest level fine enough for it,
+    and a bool mask of the overview pixels that touch undecodable level pixels: those are white, so
+    never tissue, and the rest of the slide is still tiled."""
     slide = reader.slide
     downsamples = slide.level_downsamples
     level = read_level([mpp0 * ds for ds in downsamples], overview_mpp, tolerance=0.0) or 0
@@ -28,15 +30,17 @@ def read_overview(reader: SlideReader, mpp0: float, overview_mpp: float) -> np.n
     factor = overview_mpp / (mpp0 * downsamples[level])  # level pixels per overview pixel
     out_width = max(1, int(round(level_width / factor)))
     out_height = max(1, int(round(level_height / factor)))
-    strips = []
+    strips, unread_strips = [], []
     for top in range(0, out_height, STRIP_ROWS):
         bottom = min(out_height, top + STRIP_ROWS)
         level_top = int(math.floor(top * factor))
         level_bottom = min(level_height, int(math.ceil(bottom * factor)))
         location0 = (0, int(round(level_top * downsamples[level])))
-        strip = reader.read(location0, level, (level_width, level_bottom - level_top))
-        strips.append(np.asarray(Image.fromarray(strip).resize((out_width, bottom - top), Image.Resampling.BOX)))
-    return np.concatenate(strips, axis=0)
+        strip, unread = reader.read_tolerant(location0, level, (level_width, level_bottom - level_top))
+        out_size = (out_width, bottom - top)
+        strips.append(np.asarray(Image.fromarray(strip).resize(out_size, Image.Resampling.BOX)))
+        unread_strips.append(np.asarray(Image.fromarray(unread.astype(np.uint8) * 255).resize(out_size, Image.Resampling.BOX)) > 0)
+    return np.concatenate(strips, axis=0), np.concatenate(unread_strips, axis=0)
 
 
 def tissue_mask(
