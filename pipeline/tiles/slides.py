@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.tiles.tiff_levels import TiffLevelError, TiffLevels
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
+MANIFEST_COLUMNS = ("path", "mpp")
 HASH_SAMPLES = 16
 HASH_BLOCK = 1 << 20
 
@@ -52,23 +54,56 @@ def discover_slides(entries: list[Path]) -> list[SlideSource]:
 
 
 def _read_manifest(manifest: Path) -> list[SlideSource]:
+    """Rows of ``path`` (relative to the manifest's folder, or absolute) and optionally ``mpp``; any
+    other column is refused, since a misspelt ``mpp`` would otherwise be silently ignored."""
     if not manifest.is_file():
         raise ConfigError(f"slide manifest {manifest} does not exist; fix the path in the config or command line")
     if manifest.suffix.lower() == ".csv":
         with manifest.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle, skipinitialspace=True)
+            _check_columns(manifest, "its header", reader.fieldnames or [])
+            rows = [(f"line {reader.line_num}", row) for row in reader]
     else:
-        rows = yaml.safe_load(manifest.read_text()) or []
+        entries = yaml.safe_load(manifest.read_text()) or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"slide manifest {manifest} must be a list of entries (path and optionally mpp)")
+        rows = [(f"entry {number}", row) for number, row in enumerate(entries, start=1)]
     sources = []
-    for number, row in enumerate(rows, start=1):
+    for where, row in rows:
+        if isinstance(row, dict):
+            _check_columns(manifest, where, list(row))
         if not isinstance(row, dict) or not row.get("path"):
-            raise ConfigError(f"{manifest}: entry {number} has no 'path'; each entry needs path and optionally mpp")
-        path = Path(row["path"])
+            raise ConfigError(f"slide manifest {manifest}, {where}: no 'path'; each entry needs path and optionally mpp")
+        path = Path(str(row["path"]))
         if not path.is_absolute():
             path = manifest.parent / path
-        mpp = row.get("mpp")
-        sources.append(SlideSource(path, float(mpp) if mpp not in (None, "") else None))
+        sources.append(SlideSource(path, _manifest_mpp(manifest, where, row.get("mpp"))))
     return sources
+
+
+def _check_columns(manifest: Path, where: str, columns: list) -> None:
+    accepted = ", ".join(MANIFEST_COLUMNS)
+    if None in columns:  # csv.DictReader's key for values beyond the header
+        raise ConfigError(f"slide manifest {manifest}, {where}: more values than the header has columns; the accepted columns are {accepted}")
+    unknown = [column for column in columns if column not in MANIFEST_COLUMNS]
+    if unknown:
+        raise ConfigError(f"slide manifest {manifest}, {where}: unknown column {', '.join(map(repr, unknown))}; the accepted columns are {accepted}")
+
+
+def _manifest_mpp(manifest: Path, where: str, value: object) -> float | None:
+    """A manifest's mpp: empty means the slide's own; anything else must be a positive number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        mpp = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        mpp = math.nan
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(
+            f"slide manifest {manifest}, {where}: mpp {value!r} is not a positive number of micrometres per "
+            "pixel; fix it, or leave it empty to use the slide's own"
+        )
+    return mpp
 
 
 def content_hash(path: Path) -> str:
