@@ -13,6 +13,7 @@ from PIL import Image
 from bench.common import Row, timed
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.geometry import ReadPlan
+from pipeline.tiles.slide_identity import identify_slide
 from pipeline.tiles.slides import SlideReader, SlideSource
 from pipeline.tiles.stage import run_tiles
 from pipeline.tiles.slide_tiles import plan_slide, read_tiles
@@ -52,12 +53,12 @@ def measure(slides: list[Path], work: Path, quick: bool) -> list[Row]:
     rows: list[Row] = []
     tiling, tissue = TilingConfig(), TissueConfig()
     for path in slides:
-        plan = plan_slide(0, SlideSource(path), tiling, tissue, None)
-        read, coords = plan.record["read"], plan.coords[: 128 if quick else None]
+        plan = plan_slide(0, SlideSource(path), identify_slide(path, {}), tiling, tissue, None)
+        read, coords = plan.record.read, plan.coords[: 128 if quick else None]
         def blocks(direct: bool) -> float:
             def read_all() -> None:
                 with SlideReader(path, direct=direct) as reader:  # a fresh reader: no tiles cached from a previous repeat
-                    read_tiles(reader, ReadPlan(**read), coords, tuple(plan.record["dimensions"]))
+                    read_tiles(reader, ReadPlan(**read), coords, tuple(plan.record.dimensions))
 
             return len(coords) / timed(read_all, repeat=2)
 

@@ -31,16 +31,37 @@ from pipeline.views import apply_view
 
 @dataclass(frozen=True)
 class Split:
-    """Slides by role; validation slides are the last `val_slides` slides that have tiles."""
+    """Slides by role, split by content: slides of equal content hash are copies of one slide, so they
+    are always on the same side, and validation never holds a slide whose content is in training."""
 
     train: list[SlideRecord]
     val: list[SlideRecord]
+
+    RULE = (
+        "slides with tiles grouped by content hash (slides without one: by path), in order of their first "
+        "slide; the last val_slides groups are held out for validation, every slide of a group on the same side"
+    )
+
+    @classmethod
+    def of(cls, slides: list[SlideRecord], val_slides: int) -> Split:
+        groups: dict[str, list[SlideRecord]] = {}
+        for slide in slides:
+            if slide.ok and slide.rows[1] > slide.rows[0]:
+                groups.setdefault(slide.hash or f"path:{slide.path}", []).append(slide)
+        if val_slides >= len(groups):
+            raise ConfigError(
+                f"distill.val_slides = {val_slides}, but the tile store has {len(groups)} distinct slides with tiles; "
+                "leave at least one for training"
+            )
+        ordered = list(groups.values())
+        held_out = len(ordered) - val_slides
+        return cls(train=[s for group in ordered[:held_out] for s in group], val=[s for group in ordered[held_out:] for s in group])
 
     def as_record(self) -> dict:
         def describe(slides: list[SlideRecord]) -> list[dict]:
             return [{"id": s.id, "name": s.name, "rows": s.rows} for s in slides]
 
-        return {"rule": "last val_slides slides with tiles", "train": describe(self.train), "val": describe(self.val)}
+        return {"rule": self.RULE, "train": describe(self.train), "val": describe(self.val)}
 
 
 @dataclass
@@ -133,13 +154,7 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
                 f"teachers {first!r} and {teacher!r} were computed on different views ({views_of[first]} vs "
                 f"{views_of[teacher]}); a student sample shows one view to every teacher: rerun features with the same views"
             )
-    slides = [s for s in tiles.attrs.slides if s.ok and s.rows[1] > s.rows[0]]
-    if settings.val_slides >= len(slides):
-        raise ConfigError(
-            f"distill.val_slides = {settings.val_slides}, but the tile store has {len(slides)} slides with tiles; "
-            "leave at least one for training"
-        )
-    split = Split(train=slides[: len(slides) - settings.val_slides], val=slides[len(slides) - settings.val_slides :])
+    split = Split.of(tiles.attrs.slides, settings.val_slides)
     return DistillData(
         tile_path=run.tiles,
         tiles=tiles["tiles"],

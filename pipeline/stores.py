@@ -36,7 +36,7 @@ from pipeline.config import Config, StoreConfig
 from pipeline.errors import PathdistillError
 from pipeline.files import write_text_atomically
 
-TILES_SCHEMA = "pathdistill.tiles/1"
+TILES_SCHEMA = "pathdistill.tiles/2"
 FEATURES_SCHEMA = "pathdistill.features/1"
 VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
 
@@ -62,6 +62,12 @@ class RunDir:
     @property
     def tiles(self) -> Path:
         return self.root / "tiles.zarr"
+
+    @property
+    def slide_hashes(self) -> Path:
+        """The slides' file digests, kept across tile runs (``--overwrite`` included) so that
+        unchanged files are not hashed again."""
+        return self.root / "slide-hashes.json"
 
     @property
     def features_dir(self) -> Path:

@@ -53,6 +53,22 @@ def test_split_holds_out_the_last_slides_and_skips_failed_ones(data):
     assert data.lazy_tiles().chunksize == (8, 64, 64, 3)
 
 
+def test_the_split_keeps_slides_of_equal_content_on_one_side(tmp_path, he_pixels):
+    """A store made by older code or another tool may hold one slide twice: slide-3 is slide-0 again."""
+    make_run(tmp_path, he_pixels)
+    group = zarr.open_group(str(tmp_path / "tiles.zarr"), mode="r+")
+    hashes = {"slide-0": "sha256:aa", "slide-1": "sha256:bb", "slide-2": "sha256:cc", "slide-3": "sha256:aa"}
+    group.attrs["slides"] = [{**s, "hash": hashes.get(s["name"])} for s in group.attrs["slides"]]
+    for val_slides in (1, 2):
+        split = open_distill_data(tmp_path, DistillConfig(**STUDENT, val_slides=val_slides)).split
+        train, val = {s.hash for s in split.train}, {s.hash for s in split.val}
+        assert not train & val and len(split.train) + len(split.val) == 4
+    assert [s.name for s in split.val] == ["slide-1", "slide-2"]
+    assert "content hash" in split.as_record()["rule"]
+    with pytest.raises(ConfigError, match="3 distinct slides with tiles; leave at least one for training"):
+        open_distill_data(tmp_path, DistillConfig(**STUDENT, val_slides=3))
+
+
 def test_an_epoch_visits_every_training_row_once_and_never_a_validation_or_blank_one(data):
     train = np.flatnonzero(data.rows_of(data.split.train))
     assert len(train) == sum(SLIDE_ROWS[:3]) - 3  # read-failed rows 5, 6 and 150 are left out

@@ -58,8 +58,8 @@ def test_other_versions_and_damaged_attrs_are_refused_with_the_fix(tmp_path):
     path = tmp_path / "tiles.zarr"
     small_tile_store(path)
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["schema"] = "pathdistill.tiles/0"
-    with pytest.raises(StoreError, match=r"schema 'pathdistill.tiles/0', which this pathdistill does not read \(it reads 'pathdistill.tiles/1'\): rerun the stage that made it with --overwrite"):
+    group.attrs["schema"] = "pathdistill.tiles/1"
+    with pytest.raises(StoreError, match=r"schema 'pathdistill.tiles/1', which this pathdistill does not read \(it reads 'pathdistill.tiles/2'\): rerun the stage that made it with --overwrite"):
         open_tile_store(path)
     group.attrs["schema"] = TILES_SCHEMA
     with pytest.raises(StoreError, match="expected 'pathdistill.features/1'"):
@@ -87,6 +87,7 @@ def test_run_dir_names_every_path(tmp_path):
     run = RunDir(tmp_path)
     assert run.tiles == tmp_path / "tiles.zarr" and run.features("uni2-h") == tmp_path / "features" / "uni2-h.zarr"
     assert RunDir.of_feature_store(run.features("uni2-h")) == run and run.report == tmp_path / "report.json"
+    assert run.slide_hashes == tmp_path / "slide-hashes.json"
     small_tile_store(run.tiles)
     tiles = open_tile_store(run.tiles)
     for name in ("b", "a"):

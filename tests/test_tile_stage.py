@@ -209,7 +209,7 @@ def test_inspect_store_reads_and_verifies_without_writing(tmp_path, real_svs):
         return subprocess.run([sys.executable, str(REPO / "cli.py"), "inspect-store", str(store), *flags], cwd=REPO, capture_output=True, text=True)
 
     described = json.loads(inspect("--json", "--verify").stdout)
-    assert described["schema"] == "pathdistill.tiles/1" and described["verify"]["ok"]
+    assert described["schema"] == "pathdistill.tiles/2" and described["verify"]["ok"]
     assert described["slides"][0]["mpp_source"] == "openslide.mpp-x"
     assert described["arrays"]["tiles"]["shards"] == [32, 224, 224, 3]
     assert "crc32c" in described["arrays"]["tiles"]["codecs"]

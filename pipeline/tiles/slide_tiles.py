@@ -20,7 +20,8 @@ from pipeline.config import TilingConfig, TissueConfig
 from pipeline.errors import PathdistillError
 from pipeline.geometry import ReadPlan, plan_read, read_mpp, resize_area, tile_grid
 from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, SlideRecord
-from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource, content_hash
+from pipeline.tiles.slide_identity import SlideIdentity
+from pipeline.tiles.slides import SlideReader, SlideReadError, SlideSource
 from pipeline.tiles.tissue import read_overview, tissue_fractions, tissue_mask
 
 BLOCK_CELLS = (4, 8)  # grid rows x columns read with one OpenSlide call
@@ -43,16 +44,14 @@ class SlidePlan:
         return self.record.ok
 
 
-def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
-    """Identify, measure and grid one slide; any failure becomes the slide's recorded reason."""
-    path = source.path.resolve()
-    record: dict = {"id": index, "name": path.stem, "path": str(path), "status": "failed", "error": None}
+def plan_slide(index: int, source: SlideSource, identity: SlideIdentity, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:
+    """Measure and grid one identified slide; any failure becomes the slide's recorded reason."""
+    record = _identified_record(index, source, identity)
     try:
-        if not path.is_file():
-            raise SlideSkipped(f"file not found: {path}; fix the path or remove it from the slide list")
-        record.update(size=path.stat().st_size, hash=content_hash(path))
+        if identity.error is not None:
+            raise SlideSkipped(identity.error)
         try:
-            reader = SlideReader(path, direct=tiling.reader == "auto")
+            reader = SlideReader(source.path, direct=tiling.reader == "auto")
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as error:
             raise SlideSkipped(f"OpenSlide cannot open it ({type(error).__name__}: {error}); is it a whole-slide image?") from error
         with reader:
@@ -63,6 +62,22 @@ def plan_slide(index: int, source: SlideSource, tiling: TilingConfig, tissue: Ti
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc(limit=5)
     return SlidePlan(SlideRecord(**record))
+
+
+def duplicate_plan(index: int, source: SlideSource, identity: SlideIdentity, first: Path) -> SlidePlan:
+    """A slide whose content is an earlier slide's: recorded, not tiled, so that no slide is in the
+    store twice (and so never on both sides of a training split)."""
+    record = _identified_record(index, source, identity)
+    record["error"] = f"duplicate of {first} (the same content hash); tiled once, as that slide"
+    return SlidePlan(SlideRecord(**record))
+
+
+def _identified_record(index: int, source: SlideSource, identity: SlideIdentity) -> dict:
+    """A failed record (until planning succeeds) with what identifies the slide."""
+    record: dict = {"id": index, "name": source.name, "path": str(source.path), "status": "failed", "error": None}
+    if identity.error is None:
+        record.update(size=identity.size, hash=identity.hash)
+    return record
 
 
 def _plan_open_slide(reader: SlideReader, source: SlideSource, record: dict, tiling: TilingConfig, tissue: TissueConfig, qc_dir: Path | None) -> SlidePlan:

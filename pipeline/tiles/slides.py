@@ -1,10 +1,10 @@
-"""Finding slides, identifying them by content, and reading pixels from them with OpenSlide."""
+"""Finding slides (files, folders, manifests; a folder of DICOM files is one slide) and reading pixels from them."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +17,10 @@ from pipeline.errors import PathdistillError
 from pipeline.tiles.tiff_levels import WHITE, TiffLevelError, TiffLevels
 
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+DICOM_SUFFIX = ".dcm"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", DICOM_SUFFIX)
 MANIFEST_SUFFIXES = (".csv", ".yaml", ".yml")
-HASH_SAMPLES = 16
-HASH_BLOCK = 1 << 20
+MANIFEST_COLUMNS = ("path", "mpp")
 UNTILED_PIECE_PX = 256  # piece size for re-reading a failed region of a level that names no tile size
 
 
@@ -30,65 +30,133 @@ class SlideReadError(PathdistillError, RuntimeError):
 
 @dataclass(frozen=True)
 class SlideSource:
-    """A slide to tile: its path and, when the file lacks it, the level-0 mpp to use."""
+    """A slide to tile: the file OpenSlide opens and, when the file lacks it, the level-0 mpp to use."""
 
     path: Path
     mpp_override: float | None = None
 
+    @property
+    def name(self) -> str:
+        """A DICOM slide is its folder (its files are named after levels); any other slide is its file."""
+        return self.path.parent.name if is_dicom(self.path) else self.path.stem
 
-def discover_slides(entries: list[Path]) -> list[SlideSource]:
+
+@dataclass(frozen=True)
+class SlideList:
+    """The slides to tile, each file once, and a line per entry that named a file already listed."""
+
+    sources: list[SlideSource]
+    repeats: list[str]
+
+
+def is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == DICOM_SUFFIX
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_dicom(p))
+
+
+def slide_files(path: Path) -> list[Path]:
+    """Every file a slide's pixels come from: OpenSlide reads a DICOM slide from all the .dcm files of its folder."""
+    return dicom_files(path.parent) if is_dicom(path) and path.parent.is_dir() else [path]
+
+
+def discover_slides(entries: list[Path]) -> SlideList:
     """Expand files, folders (their slide files, sorted) and manifests (CSV/YAML: path[, mpp]).
 
+    A folder's .dcm files are one slide, opened through the first of them (OpenSlide finds the rest).
     A missing slide file is kept, so that it is recorded as a failed slide; a missing folder or
-    manifest is an error, since nothing can be said about what it held.
+    manifest is an error, since nothing can be said about what it held. A file listed again (under
+    the same path, through a symlink, or as another .dcm file of the same folder) is tiled once.
     """
-    sources: list[SlideSource] = []
+    found: list[SlideSource] = []
     for entry in map(Path, entries):
         if entry.is_dir():
-            sources += [SlideSource(p) for p in sorted(entry.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES]
+            files = sorted(p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            dicom = [p for p in files if is_dicom(p)]
+            found += [SlideSource(p) for p in files if p not in dicom[1:]]
         elif entry.suffix.lower() in MANIFEST_SUFFIXES:
-            sources += _read_manifest(entry)
+            found += _read_manifest(entry)
         else:
-            sources.append(SlideSource(entry))
-    return sources
+            found.append(SlideSource(entry))
+    return _each_file_once(found)
+
+
+def _canonical(path: Path) -> Path:
+    """The one path a slide is known by: resolved, and for DICOM the first .dcm file of its folder."""
+    path = path.resolve()
+    return next(iter(slide_files(path)), path)
+
+
+def _each_file_once(found: list[SlideSource]) -> SlideList:
+    """Each file at its first place in the list, with the mpp any of its entries gives (two that differ are an error)."""
+    first: dict[Path, SlideSource] = {}
+    repeats = []
+    for source in found:
+        path = _canonical(source.path)
+        if path not in first:
+            first[path] = SlideSource(path, source.mpp_override)
+            continue
+        given = sorted({first[path].mpp_override, source.mpp_override} - {None})
+        if len(given) > 1:
+            raise ConfigError(f"slide {path} is listed more than once with different mpp {given}; list it once, with its mpp")
+        first[path] = SlideSource(path, given[0] if given else None)
+        repeats.append(f"slide {path} is listed more than once (again as {source.path}); it is tiled once")
+    return SlideList(list(first.values()), repeats)
 
 
 def _read_manifest(manifest: Path) -> list[SlideSource]:
+    """Rows of ``path`` (relative to the manifest's folder, or absolute) and optionally ``mpp``; any
+    other column is refused, since a misspelt ``mpp`` would otherwise be silently ignored."""
     if not manifest.is_file():
         raise ConfigError(f"slide manifest {manifest} does not exist; fix the path in the config or command line")
     if manifest.suffix.lower() == ".csv":
         with manifest.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle, skipinitialspace=True)
+            _check_columns(manifest, "its header", reader.fieldnames or [])
+            rows = [(f"line {reader.line_num}", row) for row in reader]
     else:
-        rows = yaml.safe_load(manifest.read_text()) or []
+        entries = yaml.safe_load(manifest.read_text()) or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"slide manifest {manifest} must be a list of entries (path and optionally mpp)")
+        rows = [(f"entry {number}", row) for number, row in enumerate(entries, start=1)]
     sources = []
-    for number, row in enumerate(rows, start=1):
+    for where, row in rows:
+        if isinstance(row, dict):
+            _check_columns(manifest, where, list(row))
         if not isinstance(row, dict) or not row.get("path"):
-            raise ConfigError(f"{manifest}: entry {number} has no 'path'; each entry needs path and optionally mpp")
-        path = Path(row["path"])
+            raise ConfigError(f"slide manifest {manifest}, {where}: no 'path'; each entry needs path and optionally mpp")
+        path = Path(str(row["path"]))
         if not path.is_absolute():
             path = manifest.parent / path
-        mpp = row.get("mpp")
-        sources.append(SlideSource(path, float(mpp) if mpp not in (None, "") else None))
+        sources.append(SlideSource(path, _manifest_mpp(manifest, where, row.get("mpp"))))
     return sources
 
 
-def content_hash(path: Path) -> str:
-    """A fast identity of a slide's bytes: size plus evenly spaced 1 MiB samples (head and tail included).
+def _check_columns(manifest: Path, where: str, columns: list) -> None:
+    accepted = ", ".join(MANIFEST_COLUMNS)
+    if None in columns:  # csv.DictReader's key for values beyond the header
+        raise ConfigError(f"slide manifest {manifest}, {where}: more values than the header has columns; the accepted columns are {accepted}")
+    unknown = [column for column in columns if column not in MANIFEST_COLUMNS]
+    if unknown:
+        raise ConfigError(f"slide manifest {manifest}, {where}: unknown column {', '.join(map(repr, unknown))}; the accepted columns are {accepted}")
 
-    Hashing every byte of a multi-gigabyte slide costs seconds per slide; the samples catch a
-    replaced, re-scanned or truncated file, which is what reruns must notice.
-    """
-    size = path.stat().st_size
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with path.open("rb") as handle:
-        if size <= HASH_SAMPLES * HASH_BLOCK:
-            digest.update(handle.read())
-        else:
-            for offset in np.linspace(0, size - HASH_BLOCK, HASH_SAMPLES).astype(np.int64):
-                handle.seek(int(offset))
-                digest.update(handle.read(HASH_BLOCK))
-    return "blake2b-sampled:" + digest.hexdigest()
+
+def _manifest_mpp(manifest: Path, where: str, value: object) -> float | None:
+    """A manifest's mpp: empty means the slide's own; anything else must be a positive number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        mpp = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        mpp = math.nan
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(
+            f"slide manifest {manifest}, {where}: mpp {value!r} is not a positive number of micrometres per "
+            "pixel; fix it, or leave it empty to use the slide's own"
+        )
+    return mpp
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
 """The ``tiles`` stage: slides -> ``RUN/tiles.zarr``, on Ray, resumable.
 
-1. A Ray task per slide plans its tiles (identity, mpp, read level, tissue, grid, QC picture).
+1. A Ray task per slide hashes its files (full sha256, cached for unchanged files); a slide with the
+   content of an earlier one is recorded as its duplicate. A Ray task per other slide plans its
+   tiles (mpp, read level, tissue, grid, QC picture).
 2. The driver sizes the store once (rows of a slide are contiguous) or checks that an existing
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
 3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,9 @@ from pipeline.stores import (
     FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
     open_tile_store, remove_store, unit_ranges, write_rows,
 )
-from pipeline.tiles.slide_tiles import SlidePlan, plan_slide, read_tiles
-from pipeline.tiles.slides import SlideReader, discover_slides
+from pipeline.tiles.slide_identity import DigestCache, SlideIdentity, identify_slide
+from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan, plan_slide, read_tiles
+from pipeline.tiles.slides import SlideReader, SlideSource, discover_slides
 
 
 @dataclass
@@ -42,6 +45,9 @@ class TileSummary:
     read_failed_tiles: int = 0
     rows_written: int = 0
     units_seconds: float = 0.0  # wall time of the unit phase (reading and writing), without start-up and planning
+    warnings: list[str] = field(default_factory=list)  # entries that named an already listed slide file
+    hashed_files: int = 0  # slide files read for their content hash in this run (the others' digests were cached)
+    hashed_bytes: int = 0
 
     @property
     def failed_slides(self) -> list[SlideRecord]:
@@ -63,6 +69,9 @@ class TileSummary:
             "units_seconds": round(self.units_seconds, 3),
             "tiles_per_second": round(self.tiles_per_second, 2),
             "read_failed_tiles": self.read_failed_tiles,
+            "hashed_files": self.hashed_files,
+            "hashed_bytes": self.hashed_bytes,
+            "warnings": self.warnings,
             "failures": [{"name": s.name, "path": s.path, "error": s.error} for s in self.failed_slides],
             "slides": [{k: getattr(s, k) for k in ("name", "status", "n_tiles", "mpp", "mpp_source", "rows")} for s in self.slides],
         }
@@ -70,17 +79,21 @@ class TileSummary:
 
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     started = time.perf_counter()
-    sources = discover_slides(config.slides)
-    if not sources:
+    listed = discover_slides(config.slides)
+    if not listed.sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
     run = RunDir.of(config)
     with ray_session(config.ray):
-        plans = _plan_all(sources, config, run.qc)
+        identities = _identify_all(listed.sources, DigestCache(run.slide_hashes))
+        plans = _plan_all(listed.sources, identities, config, run.qc)
         rows = np.cumsum([0] + [len(p.coords) for p in plans])
         for plan, start, end in zip(plans, rows[:-1], rows[1:]):
             plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
         slides = [p.record for p in plans]
-        summary = TileSummary(run.tiles, int(rows[-1]), slides)
+        summary = TileSummary(
+            run.tiles, int(rows[-1]), slides, warnings=listed.repeats,
+            hashed_files=sum(i.hashed_files for i in identities), hashed_bytes=sum(i.hashed_bytes for i in identities),
+        )
         if summary.n_rows:
             store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
             _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
@@ -89,18 +102,39 @@ def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     return summary
 
 
-def _plan_all(sources, config: Config, qc_dir: Path) -> list[SlidePlan]:
+def _identify_all(sources: list[SlideSource], cache: DigestCache) -> list[SlideIdentity]:
+    """Every slide's content hash, one Ray task per slide; digests of unchanged files come from the cache."""
+    identify_task = ray.remote(num_cpus=1)(identify_slide)
+    pending = {identify_task.remote(source.path, cache.for_slide(source.path)): index for index, source in enumerate(sources)}
+    found = _gather(pending, "hashing slides")
+    identities = [found[index] for index in range(len(sources))]
+    cache.save(identities)
+    return identities
+
+
+def _plan_all(sources: list[SlideSource], identities: list[SlideIdentity], config: Config, qc_dir: Path) -> list[SlidePlan]:
+    """Plan each slide on Ray, except a slide whose content hash an earlier slide has: that one is a duplicate."""
     plan_task = ray.remote(num_cpus=1)(plan_slide)
-    pending = {
-        plan_task.remote(index, source, config.tiling, config.tissue, qc_dir): index for index, source in enumerate(sources)
-    }
-    plans: list[SlidePlan | None] = [None] * len(sources)
+    first_with_hash: dict[str, Path] = {}
+    duplicates, pending = {}, {}
+    for index, (source, identity) in enumerate(zip(sources, identities)):
+        if identity.error is None and first_with_hash.setdefault(identity.hash, source.path) != source.path:
+            duplicates[index] = duplicate_plan(index, source, identity, first_with_hash[identity.hash])
+        else:
+            pending[plan_task.remote(index, source, identity, config.tiling, config.tissue, qc_dir)] = index
+    plans = {**_gather(pending, "planning slides"), **duplicates}
+    return [plans[index] for index in range(len(sources))]
+
+
+def _gather(pending: dict, description: str) -> dict:
+    """What each Ray ref was filed under -> its result, with a progress bar."""
+    found = {}
     with progress_bar() as progress:
-        task = progress.add_task("planning slides", total=len(sources), rate="")
-        for index, plan in completed(pending):
-            plans[index] = plan
+        task = progress.add_task(description, total=len(pending), rate="")
+        for filed_under, result in completed(pending):
+            found[filed_under] = result
             progress.advance(task)
-    return plans  # type: ignore[return-value]
+    return found
 
 
 def _prepare_store(store_path: Path, config: Config, slides: list[SlideRecord], n_rows: int, overwrite: bool) -> str:
@@ -228,6 +262,8 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
 
 
 def print_summary(summary: TileSummary) -> None:
+    for line in summary.warnings:
+        results.print(f"[yellow]warning[/yellow]: {line}")
     results.print(table(f"tiles -> {summary.store}", ["slide", "mpp (source)", "read", "tiles", "status"], [
         [
             s.name, f"{s.mpp:.4f} ({s.mpp_source})" if s.mpp else "-", describe_read(s.read),
@@ -239,5 +275,6 @@ def print_summary(summary: TileSummary) -> None:
         f"{summary.n_rows} tiles from {len(summary.slides) - len(summary.failed_slides)}/{len(summary.slides)} slides; "
         f"{summary.units_run}/{summary.units_total} units ({summary.rows_written} tiles) written in {summary.units_seconds:.1f} s "
         f"({summary.tiles_per_second:.0f} tiles/s; {summary.seconds:.1f} s with start-up and planning); "
-        f"{summary.read_failed_tiles} tiles blank after read errors"
+        f"{summary.read_failed_tiles} tiles blank after read errors; {summary.hashed_files} slide files hashed "
+        f"({summary.hashed_bytes / 1e6:.0f} MB), the others' digests cached"
     )
