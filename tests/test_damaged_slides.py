@@ -15,6 +15,7 @@ import zarr
 
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.stores import FLAG_READ_FAILED
+from pipeline.tiles.slide_identity import identify_slide
 from pipeline.tiles.slide_tiles import plan_slide
 from pipeline.tiles.slides import SlideSource
 from pipeline.tiles.stage import run_tiles
@@ -91,7 +92,7 @@ def test_a_slide_with_no_decodable_tile_fails_with_that_reason(tmp_path, real_sv
             handle.seek(offset)
             handle.write(b"\0" * count)
     for min_fraction in (0.0, 0.25):
-        record = plan_slide(0, SlideSource(zeroed), TilingConfig(reader=reader), TissueConfig(min_fraction=min_fraction), None).record
+        record = plan_slide(0, SlideSource(zeroed), identify_slide(zeroed, {}), TilingConfig(reader=reader), TissueConfig(min_fraction=min_fraction), None).record
         assert record.status == "failed" and "none of its overview could be decoded" in record.error, record.error
 
 
