@@ -139,7 +139,7 @@ def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
     before = embeddings[:]
     resumed = embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
     assert resumed.units_run == 1 and resumed.rows_done == 32 and np.array_equal(zarr.open_array(str(out / "embedding"), mode="r")[:], before)
-    with pytest.raises(StoreError, match=r"computed differently:\n  - teacher: .*'dim': 64.*Use --overwrite"):
+    with pytest.raises(StoreError, match=r"(?s)computed differently:\n  - teacher: .*'dim': 64.*Use --overwrite"):
         embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=32)
     with pytest.raises(StudentError, match=r"choose 1..192"):
         embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", tmp_path / "other.zarr", dim=400)
