@@ -42,6 +42,7 @@ from distill.train_log import MetricsLog, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.console import console, progress_bar
 from pipeline.files import write_text_atomically
+from pipeline.locks import exclusive
 from pipeline.precision import autocast
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, StoreError, now
@@ -118,12 +119,18 @@ class Distiller(nn.Module):
 
 def run_distill(config: Config, resume: bool = False) -> dict:
     """Train RUN/student/ from RUN/tiles.zarr and RUN/features/; `resume` continues from the newest
-    checkpoint exactly as if the run had not stopped. Returns the run's summary (rank 0; {} on others)."""
+    checkpoint exactly as if the run had not stopped. Returns the run's summary (rank 0; {} on others).
+    Rank 0 holds the run's distill lock, so a second run on this directory is refused at once."""
+    world = World.from_env()
+    with exclusive(RunDir.of(config).lock("distill")) if world.is_main else nullcontext():
+        return _distill(config, resume, world)
+
+
+def _distill(config: Config, resume: bool, world: World) -> dict:
     started = time.perf_counter()
     settings = config.distill
     run = RunDir.of(config)
     out_dir = run.student
-    world = World.from_env()
     if settings.batch_size % world.size:
         raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
     data = open_distill_data(run.root, settings)

@@ -21,6 +21,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.console import progress_bar, results, table
 from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
+from pipeline.locks import exclusive
 from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
@@ -74,7 +75,7 @@ def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     if not sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
     run = RunDir.of(config)
-    with ray_session(config.ray):
+    with exclusive(run.lock("tiles")), ray_session(config.ray):
         plans = _plan_all(sources, config, run.qc)
         rows = np.cumsum([0] + [len(p.coords) for p in plans])
         for plan, start, end in zip(plans, rows[:-1], rows[1:]):
