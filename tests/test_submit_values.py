@@ -9,16 +9,15 @@ The rendered script is checked with `bash -n`, and its lines that use the values
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from feature_run import write_config
+from test_cli_errors import assert_one_error_line, run_cli
 from pipeline.submit import SLURM_TEMPLATE, KubernetesOptions, RayStage, SlurmOptions, SubmitError, render_kubernetes, render_sbatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,18 +26,10 @@ HOSTILE_NAME = "a b $(touch injected-1) `touch injected-2`; touch injected-3 'q'
 LINE_BREAKS = ["gpu\ntouch injected", "gpu\r\ntouch injected", "gpu\rtouch", "a\x00b", "a\tb", "a\x1bb", "a\u2028b"]
 
 
-def cli(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
-    )
-
-
 def assert_refused(result: subprocess.CompletedProcess, option: str) -> None:
-    """Exit 2, nothing printed to stdout, and one error line naming the option."""
-    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], result.stderr
+    """One error line naming the option, and nothing rendered."""
+    assert_one_error_line(result, option)
+    assert result.stdout == ""
 
 
 @pytest.fixture
@@ -55,9 +46,8 @@ def config(tmp_path) -> Path:
     return write_config({"run": str(tmp_path / "run")}, tmp_path / "run.yaml")
 
 
-def test_the_issues_partition_is_refused_by_the_cli_as_one_line(config, tmp_path):
-    assert_refused(cli("submit", "slurm", "tiles", "--config", config, "--partition", "gpu\ntouch injected", "--dry-run", cwd=tmp_path), "--partition")
-    assert not list(tmp_path.rglob("injected*"))
+def test_the_issues_partition_is_refused_by_the_cli_as_one_line(config):
+    assert_refused(run_cli("submit", "slurm", "tiles", "--config", config, "--partition", "gpu\ntouch injected", "--dry-run"), "--partition")
 
 
 @pytest.mark.parametrize("value", LINE_BREAKS, ids=repr)
@@ -99,12 +89,11 @@ def test_a_line_break_in_the_run_or_config_path_or_the_working_directory_is_refu
         render_sbatch(SlurmOptions(stage=RayStage.tiles, config=fine))
 
 
-def test_hostile_paths_stay_single_words_of_the_rendered_script(hostile):
+def test_hostile_paths_stay_single_words_of_the_rendered_script(hostile, monkeypatch):
     python = hostile / "bin" / "python"
     config = hostile / "run config.yaml"
-    printed = cli("submit", "slurm", "tiles", "--config", config, "--python", python, "--partition", "gpu", "--dry-run", cwd=hostile)
-    assert printed.returncode == 0, printed.stderr
-    script = printed.stdout
+    monkeypatch.chdir(hostile)  # --chdir: the directory submit runs in
+    script = render_sbatch(SlurmOptions(stage=RayStage.tiles, config=config, python=python, partition="gpu"))
     checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -142,7 +131,7 @@ def test_kubernetes_image_and_claim_are_checked(config, field, value):
 
 
 def test_the_cli_refuses_a_bad_image_as_one_line(config):
-    assert_refused(cli("submit", "k8s", "features", "--config", config, "--image", "pd:1\nkind: Pod", "--pvc", "slides", "--dry-run"), "--image")
+    assert_refused(run_cli("submit", "k8s", "features", "--config", config, "--image", "pd:1\nkind: Pod", "--pvc", "slides", "--dry-run"), "--image")
 
 
 def test_a_hostile_config_is_carried_verbatim_and_the_manifest_keeps_its_shape(hostile):
