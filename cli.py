@@ -104,6 +104,9 @@ def distill(
     config: ConfigOption = None,
     out: OutOption = None,
     resume: Annotated[bool, typer.Option(help="continue exactly from the newest checkpoint in RUN/student/checkpoints")] = False,
+    resume_with_changes: Annotated[bool, typer.Option(
+        help="--resume, accepting settings that differ from the checkpoint's (lr, batch size, ...; recorded in the settings history)",
+    )] = False,
     steps: Annotated[Optional[int], typer.Option(help="training steps (overrides distill.steps)")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -112,7 +115,7 @@ def distill(
     from distill.train import run_distill
 
     settings = load_config(config, {"run": out, "distill.steps": steps})
-    summary = run_distill(settings, resume=resume)
+    summary = run_distill(settings, resume=resume or resume_with_changes, accept_changes=resume_with_changes)
     if not summary:  # ranks other than 0 under torchrun
         return
     if as_json:

@@ -20,6 +20,7 @@ from distill.student import Student
 from pipeline.config import RayConfig, StoreConfig
 from pipeline.embedding import ActorSettings, EmbedSummary, embed_pool
 from pipeline.geometry import same_mpp
+from pipeline.locks import exclusive
 from pipeline.ray_runtime import ray_session
 from pipeline.stores import StoreError, open_tile_store
 
@@ -90,7 +91,7 @@ def embed_tile_store(
     actors = ActorSettings(batch_size=batch_size, gpus_per_actor=1.0 if torch.cuda.is_available() else 0.0)
     name = f"student:{record['arch']}@{dim}"
     summary = EmbedSummary(tiles.attrs.n_rows, [name], units_total=len(tiles.units()))
-    with ray_session(ray or RayConfig()):
+    with exclusive(Path(f"{out_store}.lock")), ray_session(ray or RayConfig()):
         builder = functools.partial(load_student_at_width, Path(student_dir), dim)
         embed_pool(tiles, {name: builder}, {name: Path(out_store)}, [IDENTITY], actors, store, overwrite, summary)
     return summary

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,10 +39,11 @@ from distill.export import export_student
 from distill.losses import Parts, nested_distill_loss
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
-from distill.train_log import MetricsLog, plot_metrics, write_report
+from distill.train_log import MetricsLog, describe_changes, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.console import console, progress_bar
 from pipeline.files import write_text_atomically
+from pipeline.locks import exclusive
 from pipeline.precision import autocast
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, StoreError, now
@@ -50,6 +52,14 @@ from pipeline.weights import WeightsError
 SUMMARY = "summary.json"  # the finished run's summary, returned again when a finished run is resumed
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
 SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the report
+# The distill settings a resumed run may change without being told to: how long it runs, how often it
+# validates and saves, and how many threads read ahead. None changes what a step computes, except that a
+# new `steps` re-times the cosine decay from the resumed step on. Any other change (lr, warmup, batch
+# size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
+# was trained differently from what the config now says: it is refused, naming each difference, unless
+# accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
+# history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers"})
 
 
 @dataclass(frozen=True)
@@ -116,14 +126,21 @@ class Distiller(nn.Module):
         return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
 
 
-def run_distill(config: Config, resume: bool = False) -> dict:
+def run_distill(config: Config, resume: bool = False, accept_changes: bool = False) -> dict:
     """Train RUN/student/ from RUN/tiles.zarr and RUN/features/; `resume` continues from the newest
-    checkpoint exactly as if the run had not stopped. Returns the run's summary (rank 0; {} on others)."""
+    checkpoint exactly as if the run had not stopped, with the settings it was trained with (see
+    CHANGEABLE_ON_RESUME; `accept_changes` lets any of them change). Returns the run's summary (rank 0;
+    {} on others). Rank 0 holds the run's distill lock, so a second run on this directory is refused at once."""
+    world = World.from_env()
+    with exclusive(RunDir.of(config).lock("distill")) if world.is_main else nullcontext():
+        return _distill(config, resume, accept_changes, world)
+
+
+def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -> dict:
     started = time.perf_counter()
     settings = config.distill
     run = RunDir.of(config)
     out_dir = run.student
-    world = World.from_env()
     if settings.batch_size % world.size:
         raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
     data = open_distill_data(run.root, settings)
@@ -133,6 +150,9 @@ def run_distill(config: Config, resume: bool = False) -> dict:
     checkpoint = load_checkpoint(found) if found else None
     if checkpoint and checkpoint["data"] != data_identity(data):
         raise StoreError(f"{found} was trained on other data ({checkpoint['data']}); move {out_dir} away to start over")
+    history = settings_history(settings, found, checkpoint, accept_changes)
+    if world.is_main and history[-1]["changed"] and checkpoint:
+        console.print(f"resuming {found.name} with changed settings: {describe_changes(history[-1]['changed'])}")
     if checkpoint and checkpoint["step"] >= settings.steps and (out_dir / SUMMARY).is_file():
         world.close()  # resuming a finished run is a no-op: its export, plots and report stay as they were
         if world.is_main:
@@ -202,7 +222,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
             if data.split.val and (step % settings.eval_every == 0 or step == settings.steps):
                 evaluate()
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data))
+                save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history))
     trained_seconds = time.perf_counter() - loop_started
     world.close()
     if not world.is_main:
@@ -210,7 +230,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
 
     records = log.read()
     final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
-    export_student(student, out_dir, export_meta(data, settings, final_val), standardizers, heads)
+    export_student(student, out_dir, export_meta(data, settings, history, final_val), standardizers, heads)
     speed = {
         **measure_speeds(model, training_loader(data, settings), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
@@ -227,6 +247,7 @@ def run_distill(config: Config, resume: bool = False) -> dict:
             t: {"recipe": data.recipes[t], "width": w, "stand_in": data.teacher_specs[t].get("stand_in")} for t, w in data.widths.items()
         },
         "settings": settings.model_dump(mode="json"),
+        "settings_history": history,
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
         "views": len(data.views),
@@ -357,7 +378,38 @@ def data_identity(data: DistillData) -> dict:
     return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s.name for s in data.split.val]}
 
 
-def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData) -> dict:
+def settings_history(settings: DistillConfig, found: Path | None, checkpoint: dict | None, accept_changes: bool) -> list[dict]:
+    """The settings each stretch of the run is trained with, oldest first: {"from_step", "settings",
+    "changed": {key: [before, now]}}. Resuming with settings other than the checkpoint's adds a stretch,
+    refused (ConfigError naming each difference) if a key outside CHANGEABLE_ON_RESUME changed and
+    `accept_changes` is not set."""
+    current = settings.model_dump(mode="json")
+    if checkpoint is None:
+        return [{"from_step": 0, "settings": current, "changed": {}}]
+    if "settings_history" not in checkpoint:
+        raise StoreError(f"{found} does not record the settings it was trained with (an older pathdistill wrote it); move {found.parent.parent} away to start over")
+    history, step = checkpoint["settings_history"], checkpoint["step"]
+    trained = history[-1]["settings"]
+    changed = {key: [trained.get(key), value] for key, value in current.items() if trained.get(key) != value}
+    if not changed:
+        return history
+    refused = {key: change for key, change in changed.items() if key not in CHANGEABLE_ON_RESUME}
+    if refused and not accept_changes:
+        differences = "; ".join(f"distill.{key}: {before!r} -> {value!r}" for key, (before, value) in refused.items())
+        raise ConfigError(
+            f"{found} was trained with other settings than the config now gives: {differences} (checkpoint value -> now). "
+            f"Restore them to resume as trained, or resume with --resume-with-changes to train on with the new ones from step {step} "
+            "(recorded in the run's settings history)"
+        )
+    if settings.steps < step:
+        raise ConfigError(f"distill.steps {settings.steps} is below step {step} of {found}: a run cannot end before where it stands")
+    return [*history, {"from_step": step, "settings": current, "changed": changed}]
+
+
+def checkpoint_state(
+    step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData, history: list[dict],
+) -> dict:
+    """Everything a resumed run continues from, and the settings history it was trained with."""
     return {
         "step": step,
         "student": model.student.state_dict(),
@@ -367,10 +419,11 @@ def checkpoint_state(step: int, model: Distiller, optimizer: torch.optim.Optimiz
         "loader": loader.state_dict(),
         "rng": rng_state(),
         "data": data_identity(data),
+        "settings_history": history,
     }
 
 
-def export_meta(data: DistillData, settings: DistillConfig, final_val: dict) -> dict:
+def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict) -> dict:
     return {
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
@@ -380,6 +433,7 @@ def export_meta(data: DistillData, settings: DistillConfig, final_val: dict) -> 
         "split": data.split.as_record(),
         "final_val": final_val,
         "distill": settings.model_dump(mode="json"),
+        "distill_history": history,
     }
 
 

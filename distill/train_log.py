@@ -85,6 +85,7 @@ def write_report(path: Path, summary: dict) -> None:
         f"at {summary['target_mpp']} um/px. {summary['steps']} steps of {summary['settings']['batch_size']} x "
         f"{summary['settings']['accumulation']} samples, lr {summary['settings']['lr']}, {summary['settings']['precision']}, "
         f"{summary['settings']['standardize']} targets, {summary['views']} view(s) per tile, {summary['world_size']} process(es).",
+        *(f"Resumed with changed settings from step {stretch['from_step']}: {describe_changes(stretch['changed'])}." for stretch in summary["settings_history"][1:]),
         "",
         "| teacher | recipe | width | stand-in |",
         "|---|---|---|---|",
@@ -118,6 +119,11 @@ def write_report(path: Path, summary: dict) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def describe_changes(changed: dict[str, list]) -> str:
+    """A settings-history stretch's changes, as `key before -> now, ...`."""
+    return ", ".join(f"{key} {before!r} -> {value!r}" for key, (before, value) in changed.items())
 
 
 def _cell(scores: dict[str, float]) -> str:

@@ -122,7 +122,8 @@ def plan_read(
         if not allow_upsample:
             raise UpsampleError(
                 f"target {target_mpp} um/px is finer than the slide's base level ({mpp0:.4f} um/px) beyond "
-                f"tolerance {tolerance}; choose a coarser target or allow upsampling explicitly"
+                f"tolerance {tolerance}; choose a coarser target (tiling.target_mpp, or --target-mpp) or upsample by "
+                "setting tiling.allow_upsample: true in the run config (the YAML file given with --config)"
             )
         level = 0
     level_mpp = level_mpps[level]

@@ -8,8 +8,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 
 from pipeline.config import RayConfig
+
+LOOPBACK = "127.0.0.1"
 
 
 def completed(pending: dict) -> Iterator[tuple[Any, Any]]:
@@ -29,9 +32,29 @@ def ray_session(settings: RayConfig) -> Iterator[None]:
     if settings.address:
         ray.init(address=settings.address, logging_level=logging.WARNING)
     else:
-        # "local": always a fresh Ray on this machine, never one a stray `ray start` left behind.
-        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        _start_local_ray(settings.num_cpus)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _start_local_ray(num_cpus: int | None) -> None:
+    """A fresh Ray on this machine ("local": never one a stray `ray start` left behind), reachable from
+    this machine only.
+
+    Ray (2.60) binds its gRPC servers (GCS, raylet, workers), agents and metrics ports to every
+    interface unless the node's address is exactly the loopback, and on Linux it rewrites a loopback
+    ``_node_ip_address`` to the machine's network address, except where it treats the machine as no
+    cluster node (``ENABLE_RAY_CLUSTER``, the switch macOS and Windows have off). That switch is off
+    while the node starts; the node's address is then kept, and every process it starts is given it.
+    tests/test_ray_runtime.py lists the listening sockets of a local session.
+    """
+    cluster_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False,
+            logging_level=logging.WARNING, _node_ip_address=LOOPBACK,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_node

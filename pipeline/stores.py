@@ -99,6 +99,10 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report.json"
 
+    def lock(self, stage: str) -> Path:
+        """The file one run of ``stage`` on this run directory holds locked (pipeline/locks.py)."""
+        return self.root / "locks" / f"{stage}.lock"
+
     @classmethod
     def of(cls, config: Config) -> RunDir:
         return cls(config.run.resolve())

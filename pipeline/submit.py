@@ -4,6 +4,13 @@ The stages themselves do not change on a cluster: the rendered sbatch script or 
 Ray cluster and runs ``python cli.py STAGE --config C`` against it. What varies per run (nodes,
 GPUs, image, claim, config) comes from validated options; everything else stays in the files under
 ``clusters/``, which users can read and edit.
+
+No value given to ``submit`` can become a command of its own. A newline in a value would end the
+#SBATCH line or shell word it is rendered into, so every rendered value is refused if it holds a
+control character, naming its option; names (partition, time limit, image, claim) must have the
+form Slurm or Kubernetes gives them; paths, which may hold anything else, are shell-quoted where
+bash reads them and quoted for sbatch's own parser on #SBATCH lines. Manifests are written by the
+YAML library, which quotes what needs it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 from enum import Enum
 from importlib.metadata import version
 from pathlib import Path
@@ -35,6 +43,12 @@ IMAGE_CLI = "/app/cli.py"
 POD_CONFIG_DIR = "/etc/pathdistill"
 RAY_VERSION = version("ray")  # the image and the manifests' rayVersion must match it
 MAX_RAYJOB_NAME = 47  # KubeRay derives cluster and pod names from it and refuses longer names
+# The forms of the names submit renders (https://slurm.schedmd.com/sbatch.html for --partition and --time;
+# https://kubernetes.io/docs/concepts/overview/working-with-objects/names/ for the claim).
+PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"), "a Slurm partition name (letters, digits, _ . -; several separated by commas)"
+TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d+){0,2}|infinite|unlimited", re.IGNORECASE), "a Slurm time limit (MINUTES, HH:MM:SS, D-HH:MM:SS, ...)"
+IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*"), "an image reference (REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST)"
+CLAIM = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"), "a PersistentVolumeClaim name (lower-case letters, digits, - and ., at most 253)"
 
 
 class SubmitError(PathdistillError, RuntimeError):
@@ -74,8 +88,8 @@ class SlurmOptions(Options):
 
 class KubernetesOptions(Options):
     stage: KubernetesStage
-    image: str = Field(min_length=1, description="an image built from clusters/Dockerfile")
-    pvc: str = Field(min_length=1, description="a ReadWriteMany claim holding slides and runs")
+    image: str = Field(description="an image built from clusters/Dockerfile")
+    pvc: str = Field(description="a ReadWriteMany claim holding slides and runs")
     workers: int = Field(1, ge=1, description="Ray worker pods (Ray stages)")
     gpus_per_worker: int | None = Field(None, ge=0, description="none: the manifest's value")
 
@@ -105,6 +119,12 @@ def submit_slurm(options: SlurmOptions) -> tuple[str, Path]:
 
 
 def _sbatch(options: SlurmOptions, config: Config) -> str:
+    partition = None if options.partition is None else _named(options.partition, "--partition", PARTITION)
+    time = None if options.time is None else _named(options.time, "--time", TIME_LIMIT)
+    chdir = _directive_path(Path.cwd(), "the directory submit runs in")
+    output = _directive_path(_slurm_dir(config), f"run (in {options.config})").replace("%", "%%")  # %% is a literal %
+    python, cli = _shell_word(options.python, "--python"), _shell_word(REPO / "cli.py", "the pathdistill checkout")
+    config_file = _shell_word(options.config.resolve(), "--config")
     _warn_idle_gpus(config, options.stage.value, options.gpus_per_node)
     directives = [
         f"--job-name=pathdistill-{options.stage.value}",
@@ -112,25 +132,35 @@ def _sbatch(options: SlurmOptions, config: Config) -> str:
         "--ntasks-per-node=1",
         *(["--exclusive", "--mem=0"] if options.cpus_per_node is None else [f"--cpus-per-task={options.cpus_per_node}"]),
         *([f"--gpus-per-node={options.gpus_per_node}"] if options.gpus_per_node else []),
-        *([f"--partition={options.partition}"] if options.partition else []),
-        *([f"--time={options.time}"] if options.time else []),
-        f"--chdir={Path.cwd()}",  # the config's relative paths mean what they mean here
-        f"--output={_slurm_dir(config)}/%x-%j.out",
+        *([f"--partition={partition}"] if partition is not None else []),
+        *([f"--time={time}"] if time is not None else []),
+        f"--chdir={chdir}",  # the config's relative paths mean what they mean here
+        f"--output={output}/%x-%j.out",
         "--open-mode=append",  # a requeued job adds to its log
         "--requeue",
     ]
     return ScriptTemplate(SLURM_TEMPLATE.read_text()).substitute(
         sbatch_directives="\n".join(f"#SBATCH {line}" for line in directives),
-        python=shlex.quote(str(options.python)),
+        python=python,
         gpus_per_node=options.gpus_per_node,
-        cli=shlex.quote(str(REPO / "cli.py")),
+        cli=cli,
         stage=options.stage.value,
-        config=shlex.quote(str(options.config.resolve())),
+        config=config_file,
     )
 
 
 def _slurm_dir(config: Config) -> Path:
     return config.run.resolve() / "slurm"
+
+
+def _directive_path(path: Path, option: str) -> str:
+    """A path as one argument of an #SBATCH line. sbatch reads those lines itself, not bash: it splits
+    them at whitespace, groups quoted text, takes a backslash as escaping the next character and an
+    unquoted ``#`` as a comment (get_argument in
+    https://github.com/SchedMD/slurm/blob/master/src/common/proc_args.c). Double quotes with ``\\`` and
+    ``"`` escaped keep any path one argument."""
+    text = _one_line(path, option)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
@@ -139,6 +169,7 @@ def _slurm_dir(config: Config) -> Path:
 def render_kubernetes(options: KubernetesOptions) -> str:
     """A ConfigMap holding the run config, then the RayJob (or the distill Job) that mounts it."""
     config = _load(options)
+    image, claim = _named(options.image, "--image", IMAGE), _named(options.pvc, "--pvc", CLAIM)
     stage = options.stage.value
     name = _resource_name(f"pathdistill-{stage}-{config.run.name}")
     config_map = {
@@ -165,7 +196,7 @@ def render_kubernetes(options: KubernetesOptions) -> str:
         pods = [driver_pod, worker_pod]
     manifest["metadata"]["name"] = name
     for pod in pods:
-        _use_image_and_claim(pod, options.image, options.pvc)
+        _use_image_and_claim(pod, image, claim)
     if options.gpus_per_worker is not None:
         _set_gpus(worker_pod, options.gpus_per_worker)
     _warn_idle_gpus(config, stage, _gpus(worker_pod))
@@ -228,6 +259,28 @@ def _gpus(pod: dict) -> int:
 def _load(options: Options) -> Config:
     """The run config, validated now, so mistakes surface at submission rather than in a queue."""
     return load_config(options.config)
+
+
+def _one_line(value: object, option: str) -> str:
+    """``value`` as text, refused if it holds a newline or another control character: rendered into a
+    script or manifest, it would end its line there and start one of its own."""
+    text = str(value)
+    if any(unicodedata.category(character) in ("Cc", "Zl", "Zp") for character in text):
+        raise SubmitError(f"{option} {text!r} holds a control character (a newline, tab, ...), which would end its line in what submit renders: give it without one")
+    return text
+
+
+def _named(value: str, option: str, form: tuple[re.Pattern, str]) -> str:
+    """``value`` if it is a whole name of ``form`` (pattern, what it describes); else SubmitError naming ``option``."""
+    pattern, described = form
+    if not pattern.fullmatch(_one_line(value, option)):
+        raise SubmitError(f"{option} {value!r} is not {described}")
+    return value
+
+
+def _shell_word(value: object, option: str) -> str:
+    """``value`` as one bash word, whatever it holds besides control characters."""
+    return shlex.quote(_one_line(value, option))
 
 
 def _warn_idle_gpus(config: Config, stage: str, gpus: int) -> None:

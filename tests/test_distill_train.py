@@ -23,7 +23,7 @@ from distill.embed import embed_tile_store
 from distill.export import StudentError
 from distill.train import learning_rate, run_distill
 from distill_run import config_for, make_run, write_config
-from pipeline.config import DistillConfig
+from pipeline.config import ConfigError, DistillConfig
 from pipeline.run_report import read_report
 from pipeline.stores import StoreError, open_feature_store, open_tile_store
 
@@ -193,3 +193,35 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero_on_a_cosine():
     assert [learning_rate(step, settings) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(9, settings) == pytest.approx(0.5)
     assert learning_rate(14, settings) == pytest.approx(0.0)
+
+
+def test_resume_refuses_changed_training_settings_unless_accepted_and_records_them(tmp_path, he_pixels, one_thread):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, he_pixels)
+    short = dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=2, checkpoint_every=2, loader_workers=0, precision="fp32")
+    run_distill(config_for(run_dir, **short))
+    checkpoints = run_dir / "student" / "checkpoints"
+    first = config_for(run_dir, **short).distill.model_dump(mode="json")
+    assert torch.load(checkpoints / "step-00000004.pt", weights_only=True)["settings_history"] == [{"from_step": 0, "settings": first, "changed": {}}]
+
+    changed = {**short, "steps": 6, "lr": 5e-4, "batch_size": 16}
+    before = {path.name: path.read_bytes() for path in checkpoints.iterdir()}
+    with pytest.raises(ConfigError, match=r"distill.batch_size: 8 -> 16; distill.lr: 0.001 -> 0.0005 \(checkpoint value -> now\)\. .*--resume-with-changes") as refused:
+        run_distill(config_for(run_dir, **changed), resume=True)
+    assert "distill.steps" not in str(refused.value)  # a longer run needs no permission
+    assert {path.name: path.read_bytes() for path in checkpoints.iterdir()} == before
+
+    summary = run_distill(config_for(run_dir, **changed), resume=True, accept_changes=True)
+    assert summary["steps"] == 6 and summary["resumed_from"] == 4
+    history = [(stretch["from_step"], stretch["changed"]) for stretch in summary["settings_history"]]
+    assert history == [(0, {}), (4, {"batch_size": [8, 16], "lr": [1e-3, 5e-4], "steps": [4, 6]})]
+    assert summary["settings_history"][0]["settings"] == first and summary["settings"]["lr"] == 5e-4
+    assert "from step 4: steps 4 -> 6, batch_size 8 -> 16, lr 0.001 -> 0.0005." in (run_dir / "student" / "report.md").read_text()
+    assert json.loads((run_dir / "student" / "student.json").read_text())["distill_history"] == summary["settings_history"]
+    lrs = {r["step"]: r["lr"] for r in records(run_dir, "train")}
+    assert lrs[4] == learning_rate(3, DistillConfig(**short)) and lrs[5] == learning_rate(4, DistillConfig(**changed))
+
+    longer = run_distill(config_for(run_dir, **{**changed, "steps": 8}), resume=True)  # steps alone: no flag needed
+    assert longer["steps"] == 8 and [s["changed"] for s in longer["settings_history"]][2:] == [{"steps": [6, 8]}]
+    with pytest.raises(ConfigError, match="distill.steps 5 is below step 8"):
+        run_distill(config_for(run_dir, **{**changed, "steps": 5}), resume=True, accept_changes=True)

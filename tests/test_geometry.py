@@ -46,8 +46,9 @@ def test_coarsest_level_not_coarser_than_target_then_area_resize():
 
 
 def test_never_upsample_unless_allowed():
-    with pytest.raises(UpsampleError, match="coarser target"):
+    with pytest.raises(UpsampleError, match="coarser target") as refused:
         plan_read(0.5, [1, 4], target_mpp=0.25, tile_px=224)
+    assert "tiling.allow_upsample: true" in str(refused.value) and "--config" in str(refused.value)
     plan = plan_read(0.5, [1, 4], target_mpp=0.25, tile_px=224, allow_upsample=True)
     assert (plan.level, plan.read_px) == (0, 112)
 

@@ -27,6 +27,7 @@ import zarr
 from feature_run import TEACHER, assert_same_features, copy_tiles, make_reference, small_slide, write_config
 from pipeline.run_report import read_report
 from pipeline.submit import RayStage, SlurmOptions, render_sbatch
+from test_submit_values import HOSTILE_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
@@ -51,7 +52,8 @@ class SlurmCluster:
         """The job's fields once it has finished (scontrol keeps finished jobs for MinJobAge)."""
         deadline = time.monotonic() + timeout
         while True:
-            fields = dict(re.findall(r"(\w+)=(\S*)", self.scontrol("show", "job", "--oneliner", job_id)))
+            # A value runs to the next " Key=" (paths, StdOut among them, may hold spaces).
+            fields = dict(re.findall(r"(\w+)=(.*?)(?= \w+=|$)", self.scontrol("show", "job", "--oneliner", job_id).strip()))
             if fields["JobState"] in FINISHED_STATES:
                 return fields
             if time.monotonic() > deadline:
@@ -165,18 +167,26 @@ def wait_until(ready, timeout: float, problem: str, log: Path) -> None:
 
 
 def test_submit_slurm_features_equals_a_local_run_and_resumes(slurm_cluster, tmp_path, slide_factory, he_pixels):
+    """Submitted from, and writing to, a directory whose name a shell would act on (spaces, quotes,
+    `$(...)`, backticks, `;`, `#`, `%`): sbatch and bash both take it as the one path it is."""
     reference_config, reference = make_reference(tmp_path, small_slide(slide_factory, he_pixels, "slurm.tiff"))
-    run = tmp_path / "slurm-run"
-    config = write_config(copy_tiles(reference_config, run), tmp_path / "slurm-run.yaml")
+    folder = tmp_path / HOSTILE_NAME
+    folder.mkdir()
+    run = folder / "slurm-run"
+    # A run path relative to the directory submitted from: the job finds the run only if it runs there (--chdir).
+    config = write_config({**copy_tiles(reference_config, run), "run": run.name}, folder / "slurm run.yaml")
 
     submitted = subprocess.run(
-        [sys.executable, "cli.py", "submit", "slurm", "features", "--config", str(config), "--nodes", "1", "--gpus-per-node", "0"],
-        cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "cli.py"), "submit", "slurm", "features", "--config", str(config), "--nodes", "1", "--gpus-per-node", "0"],
+        cwd=folder, env=slurm_cluster.env, capture_output=True, text=True,
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"submitted Slurm job (\d+)", submitted.stderr).group(1)
-    log = assert_job_succeeded(slurm_cluster.wait_for_job(job_id, timeout=300))
-    assert log.parent == run / "slurm" and "1 Ray nodes alive" in log.read_text()
+    # Not scontrol's StdOut: it shows the path with its own expansion of %-patterns, which misreads the %% of a literal %.
+    log = run / "slurm" / f"pathdistill-features-{job_id}.out"
+    assert_job_succeeded(slurm_cluster.wait_for_job(job_id, timeout=300), log)
+    assert "1 Ray nodes alive" in log.read_text()
+    assert not list(tmp_path.rglob("injected*")) and not list(REPO.glob("injected*"))
     assert f"Ray logs: {slurm_cluster.env['SLURM_TMPDIR']}/ray-{job_id}/session_latest/logs" in log.read_text()
     assert read_report(run)[-1]["units_run"] == 6
     assert_same_features(run, reference)
@@ -187,16 +197,15 @@ def test_submit_slurm_features_equals_a_local_run_and_resumes(slurm_cluster, tmp
         (run / "features" / f"{TEACHER}.zarr.progress" / f"unit-{unit:06d}.json").unlink()
         for recipe in store.array_keys():
             store[recipe][unit * 8 : unit * 8 + 8] = 0
-    assert_job_succeeded(slurm_cluster.wait_for_job(slurm_cluster.sbatch(run / "slurm" / "features.sbatch"), timeout=300))
+    again = slurm_cluster.sbatch(run / "slurm" / "features.sbatch")  # from another directory: the script changes into its own
+    assert_job_succeeded(slurm_cluster.wait_for_job(again, timeout=300), run / "slurm" / f"pathdistill-features-{again}.out")
     assert read_report(run)[-1]["units_run"] == 2
     assert_same_features(run, reference)
 
 
-def assert_job_succeeded(job: dict[str, str]) -> Path:
-    """The job's log, once its state and exit code say it succeeded."""
-    log = Path(job["StdOut"])
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
-    return log
+def assert_job_succeeded(job: dict[str, str], log: Path) -> None:
+    """The job's state and exit code say it succeeded (else: its log)."""
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text() if log.is_file() else job
 
 
 def test_rendered_script_is_bash_with_the_runs_values(tmp_path):
@@ -207,7 +216,7 @@ def test_rendered_script_is_bash_with_the_runs_values(tmp_path):
     assert checked.returncode == 0, checked.stderr
     directives = re.findall(r"^#SBATCH (\S+)$", script, re.MULTILINE)
     assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=2", "--partition=gpu", "--time=12:00:00", "--exclusive", "--requeue"} <= set(directives)
-    assert f"--output={tmp_path / 'run' / 'slurm'}/%x-%j.out" in directives
+    assert f"--output=\"{tmp_path / 'run' / 'slurm'}\"/%x-%j.out" in directives and f"--chdir=\"{Path.cwd()}\"" in directives
     assert "python=/opt/env/bin/python\n" in script and "gpus_per_node=2\n" in script
     assert f"\"$python\" -u {REPO / 'cli.py'} tiles --config {config} --address \"$ray_address\"\n" in script
     assert not re.search(r"@[a-z_]+@", script)  # every placeholder filled

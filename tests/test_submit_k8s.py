@@ -1,11 +1,14 @@
 """The Kubernetes manifests, static (clusters/k8s/) and rendered by `submit k8s`, against the pinned
-KubeRay v1.7.0 CRD schemas, strictly: a key the schema does not declare is an error, as
-`kubeconform -strict` would have it (the CRDs themselves allow unknown keys). The commands the
-manifests run go through cli.py's own argument parsing, so every flag they use exists."""
+KubeRay v1.7.0 CRD schemas (vendored in tests/kuberay-crds-v1.7.0/, see its README.md), strictly: a
+key the schema does not declare is an error, as `kubeconform -strict` would have it (the CRDs
+themselves allow unknown keys). The commands the manifests run go through cli.py's own argument
+parsing, so every flag they use exists."""
 
 from __future__ import annotations
 
 import copy
+import gzip
+import hashlib
 import os
 import shlex
 import subprocess
@@ -24,7 +27,12 @@ from pipeline.config import load_config
 from pipeline.submit import K8S_DIR, POD_CONFIG_DIR, KubernetesOptions, KubernetesStage, render_kubernetes
 
 REPO = Path(__file__).resolve().parent.parent
-CRDS = REPO.parent / "shared" / "kuberay-crds-v1.7.0"
+CRDS = REPO / "tests" / "kuberay-crds-v1.7.0"
+# sha256 of each CRD file as KubeRay v1.7.0 publishes it (stored here gzip-compressed).
+CRD_SHA256 = {
+    "ray.io_rayjobs.yaml.gz": "01a5cf3b17c1769fda44af7e82debcd98722f0c27b9ab84d084681c6649121f5",
+    "ray.io_rayclusters.yaml.gz": "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1",
+}
 RAY_VERSION = version("ray")
 STATIC = sorted(K8S_DIR.glob("*.yaml"))
 # The ObjectMeta keys these manifests may use (the CRDs leave top-level metadata undescribed).
@@ -57,8 +65,12 @@ def strict(schema):
     return result
 
 
+def crd_text(file_name: str) -> bytes:
+    return gzip.decompress((CRDS / file_name).read_bytes())
+
+
 def crd_schema(file_name: str) -> dict:
-    crd = yaml.load((CRDS / file_name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1-2 MB each
+    crd = yaml.load(crd_text(file_name), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1-2 MB each
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = strict(served["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = OBJECT_META
@@ -68,8 +80,8 @@ def crd_schema(file_name: str) -> dict:
     return schema
 
 
-RAY_JOB = crd_schema("ray.io_rayjobs.yaml")
-RAY_CLUSTER = crd_schema("ray.io_rayclusters.yaml")
+RAY_JOB = crd_schema("ray.io_rayjobs.yaml.gz")
+RAY_CLUSTER = crd_schema("ray.io_rayclusters.yaml.gz")
 # A Job's pod template is the same PodTemplateSpec KubeRay's CRD spells out in full for its head group.
 POD_TEMPLATE = RAY_CLUSTER["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
 JOB = {
@@ -160,6 +172,10 @@ def render(stage: str, tmp_path: Path, **options) -> list[dict]:
     config.write_text("run: runs/cluster\nfeatures:\n  gpus_per_actor: 1\n")
     text = render_kubernetes(KubernetesOptions(stage=stage, config=config, image="example.org/pd:1", pvc="slides", **options))
     return list(yaml.safe_load_all(text))
+
+
+def test_the_vendored_crds_are_kuberay_v1_7_0s_files():
+    assert {name: hashlib.sha256(crd_text(name)).hexdigest() for name in CRD_SHA256} == CRD_SHA256
 
 
 @pytest.mark.parametrize("path", STATIC, ids=lambda p: p.name)

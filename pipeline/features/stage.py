@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError
 from pipeline.console import results, table
 from pipeline.embedding import ActorSettings, EmbedSummary, embed_pool
+from pipeline.locks import exclusive
 from pipeline.ray_runtime import ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, now, open_tile_store
@@ -69,7 +70,7 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
     actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
-    with ray_session(config.ray):
+    with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
             builders = {name: functools.partial(build_teacher, name, weights=settings.weights.get(name)) for name in pool}
             embed_pool(tiles, builders, {name: run.features(name) for name in pool}, views, actors, config.store, overwrite, summary)

@@ -23,6 +23,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.console import progress_bar, results, table
 from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
+from pipeline.locks import exclusive
 from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
@@ -83,7 +84,7 @@ def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     if not listed.sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
     run = RunDir.of(config)
-    with ray_session(config.ray):
+    with exclusive(run.lock("tiles")), ray_session(config.ray):
         identities = _identify_all(listed.sources, DigestCache(run.slide_hashes))
         plans = _plan_all(listed.sources, identities, config, run.qc)
         rows = np.cumsum([0] + [len(p.coords) for p in plans])
