@@ -159,13 +159,13 @@ def test_scans_what_it_should():
 
 def test_checker_reports_dangling_references():
     text = """\
-Background in research/infra.md and DESIGN.md (see ../shared/DESIGN.md or ../shared/...).
+Background in research/infra.md and DESIGN.md (see ../outside/DESIGN.md or ../outside/...).
 The old module distill/demo_eval.py; the bottleneck (infra.md 3.2); papers.md section 5.1.
 Rules in pipeline/nowhere/ and `clusters/nothing.sbatch`; see [the notes](research/notes.yaml).
 """
     found = [(v.line, v.reference) for v in check_file("README.md", text)]
     assert found == [
-        (1, "research/infra.md"), (1, "DESIGN.md"), (1, "../shared/DESIGN.md"), (1, "../shared/"),
+        (1, "research/infra.md"), (1, "DESIGN.md"), (1, "../outside/DESIGN.md"), (1, "../outside/"),
         (2, "distill/demo_eval.py"), (2, "infra.md"), (2, "papers.md"),
         (3, "pipeline/nowhere/"), (3, "clusters/nothing.sbatch"), (3, "research/notes.yaml"),
     ]
