@@ -70,22 +70,33 @@ class TileSummary:
 
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     started = time.perf_counter()
+    with ray_session(config.ray):
+        summary = write_tiles(config, plan_tiles(config), overwrite)
+    summary.seconds = time.perf_counter() - started
+    append_stage_record(RunDir.of(config).root, summary.as_record())
+    return summary
+
+
+def plan_tiles(config: Config) -> list[SlidePlan]:
+    """Phase 1 (needs a Ray session): every slide planned, and its rows [start, end) in the store."""
     sources = discover_slides(config.slides)
     if not sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
+    plans = _plan_all(sources, config, RunDir.of(config).qc)
+    rows = np.cumsum([0] + [len(p.coords) for p in plans])
+    for plan, start, end in zip(plans, rows[:-1], rows[1:]):
+        plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
+    return plans
+
+
+def write_tiles(config: Config, plans: list[SlidePlan], overwrite: bool = False) -> TileSummary:
+    """Phases 2 and 3 (needs a Ray session): the store sized or reused, then every missing unit written."""
     run = RunDir.of(config)
-    with ray_session(config.ray):
-        plans = _plan_all(sources, config, run.qc)
-        rows = np.cumsum([0] + [len(p.coords) for p in plans])
-        for plan, start, end in zip(plans, rows[:-1], rows[1:]):
-            plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
-        slides = [p.record for p in plans]
-        summary = TileSummary(run.tiles, int(rows[-1]), slides)
-        if summary.n_rows:
-            store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
-            _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
-    summary.seconds = time.perf_counter() - started
-    append_stage_record(run.root, summary.as_record())
+    slides = [p.record for p in plans]
+    summary = TileSummary(run.tiles, sum(len(p.coords) for p in plans), slides)
+    if summary.n_rows:
+        store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
+        _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
     return summary
 
 
