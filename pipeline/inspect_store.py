@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from pipeline.console import progress_bar, results, table
-from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, StoreError, open_store, open_tile_store
+from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
 
 
 def directory_bytes(path: Path) -> int:
@@ -67,7 +67,7 @@ def describe_store(path: Path, verify: bool = False) -> dict:
         description["tiling"] = attrs.tiling.to_dict()
         description["slides"] = [slide.to_dict() for slide in attrs.slides]
     if verify:
-        description["verify"] = verify_arrays(arrays, n_rows)
+        description["verify"] = verify_store(store)
     return description
 
 
@@ -97,24 +97,28 @@ def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
     }
 
 
-def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
-    """Read every chunk: missing chunks, checksum failures, non-finite values and flagged tiles."""
-    report: dict = {"missing_chunks": [], "corrupt_chunks": [], "non_finite": {}, "ok": True}
+def verify_store(store: Store) -> dict:
+    """Every stored object on disk (missing ones listed with their unit, and whether that unit is
+    marked finished), then every chunk read: checksum failures, non-finite values and flagged tiles."""
+    arrays = {name: store[name] for name in store.array_names()}
+    n_rows = store.attrs.n_rows
+    finished = store.markers().done()
+    missing = [{**entry, "finished": entry["unit"] in finished} for entry in store.missing_objects()]
+    lost = {(entry["array"], entry["rows"][0]) for entry in missing}
+    report: dict = {"missing_chunks": missing, "corrupt_chunks": [], "non_finite": {}, "ok": True}
     if "flags" in arrays:
         report.update(read_failed_tiles=0, padded_tiles=0)
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=sum(a.nchunks for a in arrays.values()), rate="")
         for name, array in arrays.items():
             object_rows = (array.shards or array.chunks)[0]  # rows per stored object: a shard, or an unsharded chunk
-            stored = set(_stored_object_starts(array))
             step = array.chunks[0]
             non_finite = 0
             for start in range(0, n_rows, step):
                 progress.advance(task)
                 rows = [start, min(n_rows, start + step)]
-                if start - start % object_rows not in stored:
-                    report["missing_chunks"].append({"array": name, "rows": rows})
-                    continue
+                if (name, start - start % object_rows) in lost:
+                    continue  # reads as the fill value; listed as missing above
                 try:
                     block = array[start : start + step]
                 except Exception as error:  # noqa: BLE001 - a checksum or codec failure names the chunk
@@ -129,13 +133,6 @@ def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
                 report["non_finite"][name] = non_finite
     report["ok"] = not report["missing_chunks"] and not report["corrupt_chunks"] and not any(report["non_finite"].values())
     return report
-
-
-def _stored_object_starts(array: zarr.Array) -> list[int]:
-    """First rows of the stored objects (shards, or chunks when unsharded) found on disk."""
-    rows = (array.shards or array.chunks)[0]
-    directory = Path(array.store_path.store.root) / array.path / "c"
-    return [int(p.name) * rows for p in directory.iterdir()] if directory.is_dir() else []
 
 
 def print_description(description: dict) -> None:
@@ -172,12 +169,17 @@ def print_description(description: dict) -> None:
     if "verify" in description:
         v = description["verify"]
         verdict = "[green]ok[/green]" if v["ok"] else "[red]FAILED[/red]"
+        missing = v["missing_chunks"]
         out.print(
-            f"verify: {verdict}; missing chunks {len(v['missing_chunks'])}, corrupt chunks {len(v['corrupt_chunks'])}, "
-            f"non-finite {sum(v['non_finite'].values())}, blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
+            f"verify: {verdict}; missing stored objects {len(missing)} ({sum(m['finished'] for m in missing)} in units marked finished), "
+            f"corrupt chunks {len(v['corrupt_chunks'])}, non-finite {sum(v['non_finite'].values())}, "
+            f"blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
         )
-        for problem in v["missing_chunks"][:10] + v["corrupt_chunks"][:10]:
-            out.print(f"  {problem}")
+        for m in missing[:10]:
+            state = "marked finished" if m["finished"] else "unfinished"
+            out.print(f"  missing: array {m['array']!r} rows {m['rows']} (unit {m['unit']}, {state}): {m['file']}", soft_wrap=True, markup=False)
+        for c in v["corrupt_chunks"][:10]:
+            out.print(f"  corrupt: array {c['array']!r} rows {c['rows']}: {c['error']}", soft_wrap=True, markup=False)
 
 
 def describe_view(view: dict) -> str:
