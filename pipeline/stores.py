@@ -18,12 +18,14 @@ replaced store never count.
 Damage is refused at the boundary where the file is known. Zarr reads a lost shard (or chunk) file
 as the fill value, so readers of a finished store check that the stored objects of what they read
 exist (``Store.require_intact``, ``UnitReader``); a chunk failing its checksum is a ``StoreDamaged``
-naming store, array and rows (``Store.reading``).
+naming store, array and rows (``Store.reading``); a write that fails for a full, read-only or
+forbidden disk is an ``OutputError`` naming the file (``writing``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -66,6 +68,34 @@ class StoreError(PathdistillError, ValueError):
 class StoreDamaged(StoreError):
     """A finished store lost a stored object (a shard or chunk file) or holds one that fails its
     checksum: those rows cannot be trusted, and Zarr would read a lost one as zeros."""
+
+
+class OutputError(PathdistillError, OSError):
+    """Output could not be written for a reason only the user can fix: a full disk, a read-only or
+    forbidden place, a file size limit. It replaces the OSError it was, and still is one."""
+
+
+# The OSErrors of a write that the user fixes, and how.
+WRITE_FIXES = {
+    errno.ENOSPC: "free space there, or write the run elsewhere (--out)",
+    errno.EDQUOT: "free space within the quota, or write the run elsewhere (--out)",
+    errno.EFBIG: "raise the file size limit (ulimit -f), or write the run elsewhere (--out)",
+    errno.EROFS: "remount it read-write, or write the run elsewhere (--out)",
+    errno.EACCES: "fix the permissions, or write the run elsewhere (--out)",
+    errno.EPERM: "fix the permissions, or write the run elsewhere (--out)",
+}
+
+
+@contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """The write boundary: an OSError of WRITE_FIXES becomes one OutputError naming ``what`` and
+    ``path``; any other error is not the user's to fix and propagates as it is."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, PathdistillError) or error.errno not in WRITE_FIXES:
+            raise
+        raise OutputError(f"cannot write {what} {path}: {os.strerror(error.errno)}; {WRITE_FIXES[error.errno]}") from error
 
 
 @dataclass(frozen=True)
@@ -449,38 +479,40 @@ def new_store_id() -> str:
 
 def create_tile_store(path: Path, attrs: TileStoreAttrs, store: StoreConfig) -> Store[TileStoreAttrs]:
     """Create every array at its final size, then the attrs; the ``schema`` attr marks a finished creation."""
-    group = zarr.open_group(str(path), mode="w")
-    rows, n_rows, side = store.shard_rows, attrs.n_rows, attrs.tiling.stored_px
-    shape_of = {
-        "tiles": ((n_rows, side, side, 3), "uint8", ["row", "y", "x", "channel"]),
-        "coords": ((n_rows, 2), "int64", ["row", "xy"]),
-        "slide": ((n_rows,), "int32", ["row"]),
-        "tissue": ((n_rows,), "float32", ["row"]),
-        "flags": ((n_rows,), "uint8", ["row"]),
-    }
-    for name, (shape, dtype, dims) in shape_of.items():
-        if name == "tiles":
-            chunking = dict(chunks=(store.chunk_rows, *shape[1:]), shards=(rows, *shape[1:]))
-        else:
-            chunking = dict(chunks=(rows, *shape[1:]))
-        group.create_array(
-            name, shape=shape, dtype=dtype, fill_value=0, compressors=compressors(store), dimension_names=dims, **chunking
-        )
-    group.attrs.update(attrs.to_dict())
-    return Store(Path(path), group, attrs)
+    with writing(path, "the new store"):
+        group = zarr.open_group(str(path), mode="w")
+        rows, n_rows, side = store.shard_rows, attrs.n_rows, attrs.tiling.stored_px
+        shape_of = {
+            "tiles": ((n_rows, side, side, 3), "uint8", ["row", "y", "x", "channel"]),
+            "coords": ((n_rows, 2), "int64", ["row", "xy"]),
+            "slide": ((n_rows,), "int32", ["row"]),
+            "tissue": ((n_rows,), "float32", ["row"]),
+            "flags": ((n_rows,), "uint8", ["row"]),
+        }
+        for name, (shape, dtype, dims) in shape_of.items():
+            if name == "tiles":
+                chunking = dict(chunks=(store.chunk_rows, *shape[1:]), shards=(rows, *shape[1:]))
+            else:
+                chunking = dict(chunks=(rows, *shape[1:]))
+            group.create_array(
+                name, shape=shape, dtype=dtype, fill_value=0, compressors=compressors(store), dimension_names=dims, **chunking
+            )
+        group.attrs.update(attrs.to_dict())
+        return Store(Path(path), group, attrs)
 
 
 def create_feature_store(path: Path, attrs: FeatureStoreAttrs, chunk_rows: int, shard_rows: int, store: StoreConfig) -> Store[FeatureStoreAttrs]:
     """One float16 [N, V, D] array per recipe, rows aligned with the tile store's chunks and shards."""
-    group = zarr.open_group(str(path), mode="w")
-    for recipe, width in attrs.recipes.items():
-        shape = (attrs.n_rows, len(attrs.views), width)
-        group.create_array(
-            recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
-            chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
-        )
-    group.attrs.update(attrs.to_dict())
-    return Store(Path(path), group, attrs)
+    with writing(path, "the new store"):
+        group = zarr.open_group(str(path), mode="w")
+        for recipe, width in attrs.recipes.items():
+            shape = (attrs.n_rows, len(attrs.views), width)
+            group.create_array(
+                recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
+                chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
+            )
+        group.attrs.update(attrs.to_dict())
+        return Store(Path(path), group, attrs)
 
 
 def open_store(path: Path, schema: str | None = None) -> Store:
@@ -524,7 +556,8 @@ def open_feature_store(path: Path, tiles: Store[TileStoreAttrs] | None = None) -
 def write_rows(store_path: Path, start: int, columns: dict[str, np.ndarray]) -> None:
     """Write whole shards of rows from ``start``. Chunks of zeros are written too (an array's config is
     fixed when it is opened, hence the open here), so an unwritten chunk always means unfinished work."""
-    with zarr.config.set({"array.write_empty_chunks": True}):
+    end = start + len(next(iter(columns.values())))
+    with writing(store_path, f"rows [{start}, {end}) of"), zarr.config.set({"array.write_empty_chunks": True}):
         group = zarr.open_group(str(store_path), mode="r+")
         for name, values in columns.items():
             group[name][start : start + len(values)] = values
@@ -553,7 +586,9 @@ class UnitMarkers:
         return finished
 
     def mark(self, unit: int, record: dict) -> None:
-        write_text_atomically(self.directory / f"unit-{unit:06d}.json", json.dumps({**record, "unit": unit, "store_id": self.store_id}))
+        path = self.directory / f"unit-{unit:06d}.json"
+        with writing(path, "the unit marker"):
+            write_text_atomically(path, json.dumps({**record, "unit": unit, "store_id": self.store_id}))
 
 
 def remove_store(path: Path) -> None:

@@ -8,8 +8,10 @@ Real stores on disk, real Ray, the real CLI, and real small file systems (tmpfs,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import shutil
 import subprocess
 from itertools import islice
@@ -47,6 +49,40 @@ def made(tmp_path_factory, he_pixels) -> Path:
     run = tmp_path_factory.mktemp("made")
     make_run(run, he_pixels)
     return run
+
+
+@pytest.fixture
+def small_disk():
+    """``mount(path, size)``: a tmpfs of ``size`` at ``path``, unmounted when the test ends."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small file system needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)]).returncode:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def make_unwritable(directory: Path, condition: str) -> None:
+    """Fill the file system mounted at ``directory`` to the last byte, or remount it read-only."""
+    if condition == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
+        return
+    with open(directory / "filler", "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while handle.write(b"\0" * 65536):
+            pass
+
+
+CAUSE = {"full": "No space left on device", "read-only": "Read-only file system"}
 
 
 def assert_reported_mid_run(result: subprocess.CompletedProcess, *names: str) -> None:
@@ -165,3 +201,28 @@ def test_features_reports_a_corrupt_tile_chunk_in_one_line(tiled, tmp_path):
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))
     assert_reported_mid_run(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [16, 24)", "checksum", "inspect-store --verify", "unit-000002.json")
     assert not (tmp_path / "run" / "features" / f"{TEACHER}.zarr.progress" / "unit-000002.json").exists()
+
+
+@pytest.mark.parametrize("condition", ["full", "read-only"])
+def test_features_on_a_full_or_read_only_disk(tiled, tmp_path, small_disk, condition):
+    config = copy_tiles(tiled, tmp_path / "run")
+    features = small_disk(tmp_path / "run" / "features", "1m")
+    store = features / f"{TEACHER}.zarr"
+    tiles = open_tile_store(tmp_path / "run" / "tiles.zarr")
+    prepare_feature_store(store, tiles, build_teacher(TEACHER).provenance(), IDENTITY, Config.model_validate(config).store, overwrite=False)
+    before = tree_digest(store)
+    make_unwritable(features, condition)
+    result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))
+    assert_reported_mid_run(result, str(store), CAUSE[condition], "--out")
+    assert tree_digest(store) == before and not (features / f"{TEACHER}.zarr.progress").exists()
+
+
+@pytest.mark.parametrize("condition", ["full", "read-only"])
+def test_distill_checkpoint_on_a_full_or_read_only_disk(made, tmp_path, small_disk, condition):
+    run = copy_run(made, tmp_path / "run")
+    checkpoints = small_disk(run / "student" / "checkpoints", "256k")
+    make_unwritable(checkpoints, condition)
+    config = config_for(run, steps=2, checkpoint_every=1, batch_size=16, warmup_steps=0, standardize_sample=256, loader_workers=0)
+    result = run_cli("distill", "--config", write_distill_config(config, tmp_path / "distill.yaml"))
+    assert_reported_mid_run(result, str(checkpoints / "step-00000001.pt"), CAUSE[condition], "--out")
+    assert not list(checkpoints.glob("*.pt")) and not list(checkpoints.glob(".*partial"))
