@@ -563,6 +563,18 @@ def write_rows(store_path: Path, start: int, columns: dict[str, np.ndarray]) -> 
             group[name][start : start + len(values)] = values
 
 
+def rewrite_attrs(store: Store[Attrs], attrs: Attrs) -> Store[Attrs]:
+    """Replace the attrs of an existing store (the same store: same schema and id) in one write of its
+    group's zarr.json. zarr-python's LocalStore writes it to a temporary file renamed into place
+    (since 3.1.3, https://github.com/zarr-developers/zarr-python/pull/3412), so a crash leaves the old
+    attrs or the new ones; arrays, chunks and markers are not touched."""
+    if attrs.store_id != store.attrs.store_id or attrs.SCHEMA != store.attrs.SCHEMA:
+        raise ValueError(f"rewrite_attrs keeps a store's schema and id; {store.path} is {store.attrs.SCHEMA} {store.attrs.store_id}")
+    with writing(store.path, "the attrs of"):
+        zarr.open_group(str(store.path), mode="r+").attrs.put(attrs.to_dict())
+    return Store(store.path, store.group, attrs)
+
+
 def unit_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(start, min(n_rows, start + shard_rows)) for start in range(0, n_rows, shard_rows)]
 
@@ -575,15 +587,19 @@ class UnitMarkers:
         self.store_id = store_id
 
     def done(self) -> set[int]:
-        finished = set()
+        return set(self.records())
+
+    def records(self) -> dict[int, dict]:
+        """Unit -> its marker's record, for the finished units of this store."""
+        found = {}
         for marker in self.directory.glob("unit-*.json"):
             try:
                 record = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             if record.get("store_id") == self.store_id:
-                finished.add(int(record["unit"]))
-        return finished
+                found[int(record["unit"])] = record
+        return found
 
     def mark(self, unit: int, record: dict) -> None:
         path = self.directory / f"unit-{unit:06d}.json"

@@ -9,6 +9,7 @@ Real stores on disk, real Ray, the real CLI, and real small file systems (tmpfs,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 from distill.data import BlockShuffleLoader, open_distill_data
 from distill_run import STUDENT, config_for, make_run, write_config as write_distill_config
 from feature_run import TEACHER, copy_tiles, settings, small_slide, write_config
 from pipeline.config import Config, DistillConfig
 from pipeline.embedding import ActorSettings, EmbedWorker, prepare_feature_store
-from pipeline.stores import StoreError, open_feature_store, open_tile_store
+from pipeline.stores import FLAG_READ_FAILED, StoreError, open_feature_store, open_tile_store
 from pipeline.teachers import build_teacher
-from pipeline.tiles.stage import run_tiles
+from pipeline.tiles.stage import plan_tiles, run_tiles, write_tiles
 from test_cli_errors import assert_one_error_line, run_cli
 
 IDENTITY = [{"name": "identity"}]
@@ -190,6 +192,35 @@ def test_distill_refuses_a_damaged_store_in_one_line(made, tmp_path):
     (run / "tiles.zarr" / "flags" / "c" / "5").unlink()  # read whole when the stores are opened
     with pytest.raises(StoreError, match=r"tiles.zarr is damaged: array 'flags' rows \[160, 192\)"):
         open_distill_data(run, DistillConfig(**STUDENT))
+
+
+# Item 7: a slide that vanishes after planning is a failed slide.
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_slide_that_vanishes_after_planning_is_a_failed_slide(tmp_path, slide_factory, he_pixels, damage):
+    kept = small_slide(slide_factory, he_pixels, f"kept-{damage}.tiff")
+    gone = small_slide(slide_factory, he_pixels, f"gone-{damage}.tiff")
+    config = Config.model_validate({**settings(tmp_path / "run", kept), "slides": [str(kept), str(gone)]})
+    plans = plan_tiles(config)
+    assert [p.record.status for p in plans] == ["ok", "ok"]
+    if damage == "deleted":
+        gone.unlink()
+    else:
+        gone.write_bytes(b"no longer a slide\n" * 1000)
+    summary = write_tiles(config, plans)
+
+    reason = "vanished or unreadable after planning"
+    [failed] = summary.failed_slides
+    assert failed.name == gone.stem and reason in failed.error
+    assert summary.as_record()["failures"] == [{"name": gone.stem, "path": str(gone.resolve()), "error": failed.error}]
+    attrs = open_tile_store(config.run / "tiles.zarr").attrs
+    assert [(s.status, s.error) for s in attrs.slides] == [("ok", None), ("failed", failed.error)]
+    assert attrs.slides == [plans[0].record, dataclasses.replace(plans[1].record, status="failed", error=failed.error)]  # the rest as planned
+    flags = zarr.open_group(str(config.run / "tiles.zarr"), mode="r")["flags"][:]
+    assert (flags[48:] & FLAG_READ_FAILED).all() and not (flags[:48] & FLAG_READ_FAILED).any()
+    marker = json.loads((config.run / "tiles.zarr.progress" / "unit-000006.json").read_text())
+    assert marker["failed_slides"] == [{"slide": 1, "error": failed.error}]
 
 
 # Item 8: one line instead of a traceback.

@@ -5,6 +5,8 @@
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
 3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
    Units with a marker are skipped, so a rerun after any interruption does only what is missing.
+   A slide that a unit cannot open (it vanished or broke after planning) gets blank, flagged rows,
+   is named in the unit's marker, and at the end is failed in the summary and the store's records.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
     FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
-    open_tile_store, remove_store, unit_ranges, write_rows,
+    open_tile_store, remove_store, rewrite_attrs, unit_ranges, write_rows,
 )
 from pipeline.tiles.slide_tiles import SlidePlan, plan_slide, read_tiles
 from pipeline.tiles.slides import SlideReader, discover_slides
@@ -162,7 +164,9 @@ def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideR
 
 def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary) -> None:
     ranges = unit_ranges(summary.n_rows, shard_rows)
-    done = UnitMarkers(store_path, store_id).done()
+    earlier = UnitMarkers(store_path, store_id).records()
+    done = set(earlier)
+    lost = [(unit, failure) for unit, record in earlier.items() for failure in record.get("failed_slides", [])]
     todo = [unit for unit in range(len(ranges)) if unit not in done]
     summary.units_total, summary.units_run = len(ranges), len(todo)
     unit_task = ray.remote(num_cpus=1, max_retries=3)(write_unit)
@@ -173,7 +177,8 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
     unit_started = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
-        for _, stats in completed(pending):
+        for unit, stats in completed(pending):
+            lost += [(unit, failure) for failure in stats["failed_slides"]]
             summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
             summary.units_seconds = time.perf_counter() - unit_started
@@ -182,6 +187,21 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
     if done:
         flags = open_tile_store(store_path)["flags"][:]
         summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
+    _fail_slides_lost_after_planning(store_path, summary, lost)
+
+
+def _fail_slides_lost_after_planning(store_path: Path, summary: TileSummary, lost: list[tuple[int, dict]]) -> None:
+    """A slide a unit could not open has blank rows: it is failed, with the reason of its first such
+    unit, in the summary (so in report.json and for --strict) and in the store's slide records."""
+    reasons: dict[int, str] = {}
+    for _, failure in sorted(lost, key=lambda item: item[0]):
+        reasons.setdefault(failure["slide"], failure["error"])
+    if not reasons:
+        return
+    summary.slides = [dataclasses.replace(s, status="failed", error=reasons[s.id]) if s.id in reasons else s for s in summary.slides]
+    store = open_tile_store(store_path)
+    if store.attrs.slides != summary.slides:
+        rewrite_attrs(store, dataclasses.replace(store.attrs, slides=summary.slides))
 
 
 def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
@@ -208,12 +228,17 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
     """Read and write one unit's rows, then mark it done. Idempotent: a retry rewrites the same bytes."""
     began = time.perf_counter()
     columns: dict[str, list[np.ndarray]] = {"tiles": [], "coords": [], "slide": [], "tissue": [], "flags": []}
+    failed_slides = []
     for segment in segments:
         plan = ReadPlan(**segment["read"])
         try:
             reader = SlideReader(Path(segment["path"]), direct=segment["reader"] == "tifffile")
-        except Exception:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
+        except Exception as error:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
             reader = None
+            failed_slides.append({"slide": segment["slide"], "error": (
+                f"vanished or unreadable after planning ({type(error).__name__}: {error}); its tiles are blank and flagged: "
+                "restore the file and rerun `tiles --overwrite`"
+            )})
         try:
             tiles, flags = read_tiles(reader, plan, segment["coords"], segment["dimensions"])
         finally:
@@ -233,6 +258,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
         "read_failed": int(np.count_nonzero(stacked["flags"] & FLAG_READ_FAILED)),
         "read_seconds": read_done - began,
         "write_seconds": finished - read_done,
+        "failed_slides": failed_slides,
     }
     UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, **stats})
     return stats
