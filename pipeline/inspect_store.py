@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from rich.markup import escape
 
 from pipeline.console import progress_bar, results, table
 from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
@@ -62,7 +63,7 @@ def describe_store(path: Path, verify: bool = False) -> dict:
     if isinstance(attrs, FeatureStoreAttrs):
         description.update(teacher=attrs.teacher, views=attrs.views, recipes=attrs.recipes)
         description["tile_store"] = tile_store_link(path, attrs)
-        description["statistics"] = {name: feature_statistics(array) for name, array in arrays.items()}
+        description["statistics"] = {name: feature_statistics(array, path, verify) for name, array in arrays.items()}
     else:
         description["tiling"] = attrs.tiling.to_dict()
         description["slides"] = [slide.to_dict() for slide in attrs.slides]
@@ -83,12 +84,17 @@ def tile_store_link(path: Path, attrs: FeatureStoreAttrs) -> dict:
     return {**link, "status": "matches" if matches else f"does not match (its id is {tiles.attrs.store_id})"}
 
 
-def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
-    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks."""
+def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows: int = 4096) -> dict:
+    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks; or,
+    when a sampled chunk fails its checksum, why they are unreadable (the rest is still described)."""
     step = array.chunks[0]
     starts = range(0, array.shape[0], step)
     chosen = list(starts)[:: max(1, len(starts) * step // sample_rows)]
-    sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
+    try:
+        sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
+    except (ValueError, OSError) as error:  # a checksum (ValueError) or an I/O error of a sampled chunk
+        where = "the corrupt chunks are listed under verify" if verify else f"run `inspect-store --verify {path}` to list the corrupt chunks"
+        return {"unreadable": f"{type(error).__name__}: {error}; {where}"}
     finite = sample[np.isfinite(sample).all(axis=1)]
     return {
         "rows_sampled": int(len(sample) // max(1, array.shape[1])),
@@ -151,16 +157,22 @@ def print_description(description: dict) -> None:
             for s in description["slides"]
         ]))
     if "teacher" in description:
-        teacher = description["teacher"]
+        # A registry teacher's record has every field; a student's (embed) or a test's has fewer.
+        teacher = {key: "-" for key in ("arch", "source", "weights_sha256", "input_px", "resize", "mean", "std", "precision", "target_mpp")} | description["teacher"]
         stand_in = " [yellow](random stand-in)[/yellow]" if teacher.get("stand_in") else ""
-        out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}...")
+        out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}")
         out.print(f"  input {teacher['input_px']} px ({teacher['resize']}), mean {teacher['mean']}, std {teacher['std']}, precision {teacher['precision']}, target mpp {teacher['target_mpp']}")
         out.print("views: " + ", ".join(describe_view(view) for view in description["views"]))
         out.print(f"tile store: {description['tile_store']['path']} {description['tile_store']['status']}")
         out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [
-            [name, str(description["recipes"][name]), str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+            [name, str(description["recipes"][name]), *(
+                ["[red]unreadable[/red]", "-", "-"] if "unreadable" in stats else [str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+            )]
             for name, stats in description["statistics"].items()
         ]))
+        for name, stats in description["statistics"].items():
+            if "unreadable" in stats:
+                out.print(f"[red]statistics of {name!r} unreadable[/red]: {escape(stats['unreadable'])}", soft_wrap=True)
     out.print(f"units: {description['units']['marked_done']}/{description['units']['total']} marked done")
     out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"], [
         [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"])]

@@ -226,6 +226,24 @@ def test_a_slide_that_vanishes_after_planning_is_a_failed_slide(tmp_path, slide_
 # Item 8: one line instead of a traceback.
 
 
+def test_inspect_store_reports_a_corrupt_feature_chunk(made, tmp_path):
+    run = copy_run(made, tmp_path / "run")
+    store = run / "features" / "alpha.zarr"
+    flip_byte(store / "cls" / "c" / "0" / "0" / "0", 20)
+
+    plain = run_cli("inspect-store", store)
+    assert plain.returncode == 0 and "Traceback" not in plain.stderr, plain.stderr
+    assert "unreadable" in plain.stdout and "--verify" in plain.stdout
+    statistics = json.loads(run_cli("inspect-store", store, "--json").stdout)["statistics"]
+    assert "checksum" in statistics["cls"]["unreadable"] and "inspect-store --verify" in statistics["cls"]["unreadable"]
+    assert statistics["mean"]["mean_norm"] is not None
+    verified = run_cli("inspect-store", store, "--json", "--verify")
+    assert verified.returncode == 1
+    described = json.loads(verified.stdout)
+    assert [(c["array"], c["rows"]) for c in described["verify"]["corrupt_chunks"]] == [("cls", [0, 8])]
+    assert "unreadable" in described["statistics"]["cls"]
+
+
 def test_features_reports_a_corrupt_tile_chunk_in_one_line(tiled, tmp_path):
     config = copy_tiles(tiled, tmp_path / "run")
     flip_byte(tmp_path / "run" / "tiles.zarr" / "tiles" / "c" / "2" / "0" / "0" / "0", 100)
