@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain containers (no pickled objects), so it loads with
 `torch.load(weights_only=True)`; it is written to a temporary file and renamed, so a kill at any
-moment leaves the previous checkpoint intact, and only the newest KEEP are kept.
+moment leaves the previous checkpoint intact, and only the newest KEEP are kept. A full, read-only
+or forbidden disk is an OutputError naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ import numpy as np
 import torch
 
 from pipeline.files import atomic_path
+from pipeline.stores import writing
 
 KEEP = 2
 PATTERN = "step-*.pt"
 
 
 def save_checkpoint(directory: Path, step: int, state: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-    for old in sorted(directory.glob(PATTERN))[:-KEEP]:
-        old.unlink()
+    with writing(path, "checkpoint"):
+        directory.mkdir(parents=True, exist_ok=True)
+        # Into a Python file: torch's own writer turns a full disk into a RuntimeError, a file object keeps the OSError.
+        with atomic_path(path) as temporary, temporary.open("wb") as handle:
+            torch.save(state, handle)
+        for old in sorted(directory.glob(PATTERN))[:-KEEP]:
+            old.unlink()
     return path
 
 

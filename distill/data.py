@@ -9,6 +9,11 @@ Two ways in, for two jobs:
 
 Rows of one slide are contiguous, so a chunk mostly holds rows of one slide; a pool of chunks drawn from
 random places of the store mixes slides in every batch.
+
+Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
+refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an
+error naming the store, array and rows. `slide` and `flags` are read whole at open, so they are
+checked whole at open; tiles and targets are checked unit by unit as the first epoch reaches them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import zarr
 
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, open_feature_store, open_tile_store
+from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
 from pipeline.views import apply_view
 
 
@@ -69,8 +74,8 @@ class DistillData:
     """The opened, checked stores: one recipe array [N, V, D] per teacher, aligned with the tiles."""
 
     tile_path: Path
-    tiles: zarr.Array  # uint8 [N, S, S, 3]
-    targets: dict[str, zarr.Array]  # teacher -> float16 [N, V, D]
+    tile_reader: UnitReader  # of uint8 [N, S, S, 3]
+    target_readers: dict[str, UnitReader]  # teacher -> its recipe's float16 [N, V, D]
     recipes: dict[str, str]
     teacher_specs: dict[str, dict]
     views: list[dict]
@@ -79,6 +84,14 @@ class DistillData:
     slide_of_row: np.ndarray  # int32 [N]
     read_failed: np.ndarray  # bool [N]
     split: Split
+
+    @property
+    def tiles(self) -> zarr.Array:
+        return self.tile_reader.array
+
+    @property
+    def targets(self) -> dict[str, zarr.Array]:
+        return {teacher: reader.array for teacher, reader in self.target_readers.items()}
 
     @property
     def tile_px(self) -> int:
@@ -128,7 +141,7 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
     for key, named in (("recipes", settings.recipes), ("teacher_weights", settings.teacher_weights)):
         if set(named) - set(teachers):
             raise ConfigError(f"distill.{key} names {sorted(set(named) - set(teachers))}, not among the distilled teachers {teachers}")
-    targets, recipes, specs, views_of = {}, {}, {}, {}
+    readers, recipes, specs, views_of = {}, {}, {}, {}
     for teacher in teachers:
         path = run.features(teacher)
         if not path.exists():
@@ -142,11 +155,11 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
             raise StoreError(
                 f"{path} has no recipe {recipe!r}; it holds {list(store.attrs.recipes)}: fix distill.recipes.{teacher}"
             )
-        array = store[recipe]
+        reader = UnitReader(store, recipe, "features")
         store.require_finished("features")
-        if array.chunks[0] != chunk_rows:
-            raise StoreError(f"{path} has chunks of {array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
-        targets[teacher], recipes[teacher], specs[teacher], views_of[teacher] = array, recipe, store.attrs.teacher, store.attrs.views
+        if reader.array.chunks[0] != chunk_rows:
+            raise StoreError(f"{path} has chunks of {reader.array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
+        readers[teacher], recipes[teacher], specs[teacher], views_of[teacher] = reader, recipe, store.attrs.teacher, store.attrs.views
     first = teachers[0]
     for teacher in teachers[1:]:
         if views_of[teacher] != views_of[first]:
@@ -155,17 +168,18 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
                 f"{views_of[teacher]}); a student sample shows one view to every teacher: rerun features with the same views"
             )
     split = Split.of(tiles.attrs.slides, settings.val_slides)
+    n_rows = tiles.attrs.n_rows
     return DistillData(
         tile_path=run.tiles,
-        tiles=tiles["tiles"],
-        targets=targets,
+        tile_reader=UnitReader(tiles, "tiles", "tiles"),
+        target_readers=readers,
         recipes=recipes,
         teacher_specs=specs,
         views=views_of[first],
         tiling=tiles.attrs.tiling,
         tile_store_id=tiles.attrs.store_id,
-        slide_of_row=tiles["slide"][:],
-        read_failed=(tiles["flags"][:] & FLAG_READ_FAILED).astype(bool),
+        slide_of_row=UnitReader(tiles, "slide", "tiles").read(0, n_rows),
+        read_failed=(UnitReader(tiles, "flags", "tiles").read(0, n_rows) & FLAG_READ_FAILED).astype(bool),
         split=split,
     )
 
@@ -174,7 +188,10 @@ def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.n
     """Targets [rows * V, D] (float32) of up to `size` training rows drawn with `seed`, read through Dask."""
     train_rows = np.flatnonzero(data.rows_of(data.split.train))
     rows = np.sort(np.random.default_rng(seed).choice(train_rows, size=min(size, len(train_rows)), replace=False))
-    values = data.lazy_targets()[teacher][rows].compute()
+    reader = data.target_readers[teacher]
+    reader.require_rows(rows)
+    with reader.reading(int(rows[0]), int(rows[-1]) + 1):
+        values = data.lazy_targets()[teacher][rows].compute()
     check_finite(values, teacher, data, rows)
     return values.reshape(-1, values.shape[-1]).astype(np.float32)
 
@@ -231,9 +248,9 @@ def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: n
         end = min(start + data.chunk_rows, len(keep))
         kept = np.flatnonzero(keep[start:end])
         row_parts.append(start + kept)
-        tile_parts.append(data.tiles[start:end][kept])
-        for teacher, array in data.targets.items():
-            values = array[start:end][kept]
+        tile_parts.append(data.tile_reader.read(start, end)[kept])
+        for teacher, reader in data.target_readers.items():
+            values = reader.read(start, end)[kept]
             check_finite(values, teacher, data, start + kept)
             target_parts[teacher].append(values)
     rows, stored = np.concatenate(row_parts), np.concatenate(tile_parts)

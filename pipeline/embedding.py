@@ -7,6 +7,11 @@ each embedder, which applies its own resize and normalisation. Each embedder's r
 store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
 write, so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
 retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+
+Tiles are never embedded from a damaged tile store: a pool starts only when every shard of the
+``tiles`` array is on disk (one stat per shard, small beside embedding it), each unit checks its
+shard again when it reads it (the store may be damaged while a long run goes on), and a chunk
+failing its checksum stops the run naming store, array and rows.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pipeline.console import progress_bar
 from pipeline.errors import PathdistillError
 from pipeline.ray_runtime import completed
 from pipeline.stores import (
-    FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, create_feature_store, open_feature_store,
+    FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, UnitReader, create_feature_store, open_feature_store,
     open_tile_store, remove_store, write_rows,
 )
 from pipeline.views import apply_view
@@ -86,7 +91,7 @@ class EmbedWorker:
 
         torch.set_num_threads(settings.threads_per_actor)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.tiles = open_tile_store(Path(tile_store))
+        self.tiles = UnitReader(open_tile_store(Path(tile_store)), "tiles", "tiles")
         self.builders, self.settings, self.views, self.tile_px = builders, settings, views, tile_px
 
     @functools.cached_property
@@ -102,7 +107,7 @@ class EmbedWorker:
 
         timings: dict[str, float] = defaultdict(float)
         began = time.perf_counter()
-        pixels = self.tiles["tiles"][start:end]
+        pixels = self.tiles.read(start, end)
         timings["read"] += time.perf_counter() - began
         results = {
             name: {recipe: np.zeros((end - start, len(self.views), width), np.float32) for recipe, width in self.embedders[name].widths.items()}
@@ -141,6 +146,7 @@ def embed_pool(
     views: list[dict], settings: ActorSettings, store: StoreConfig, overwrite: bool, summary: EmbedSummary,
 ) -> None:
     """Run one pool of embedders over every unit their stores still lack; needs a Ray session."""
+    tiles.require_intact("tiles", arrays=["tiles"])
     units = tiles.units()
     actor_count = settings.actors or _default_actor_count(settings)
     worker_class = ray.remote(num_cpus=settings.threads_per_actor, num_gpus=settings.gpus_per_actor, max_restarts=3, max_task_retries=3)(EmbedWorker)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from rich.markup import escape
 
 from pipeline.console import progress_bar, results, table
-from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, StoreError, open_store, open_tile_store
+from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
 
 
 def directory_bytes(path: Path) -> int:
@@ -62,12 +63,12 @@ def describe_store(path: Path, verify: bool = False) -> dict:
     if isinstance(attrs, FeatureStoreAttrs):
         description.update(teacher=attrs.teacher, views=attrs.views, recipes=attrs.recipes)
         description["tile_store"] = tile_store_link(path, attrs)
-        description["statistics"] = {name: feature_statistics(array) for name, array in arrays.items()}
+        description["statistics"] = {name: feature_statistics(array, path, verify) for name, array in arrays.items()}
     else:
         description["tiling"] = attrs.tiling.to_dict()
         description["slides"] = [slide.to_dict() for slide in attrs.slides]
     if verify:
-        description["verify"] = verify_arrays(arrays, n_rows)
+        description["verify"] = verify_store(store)
     return description
 
 
@@ -83,12 +84,17 @@ def tile_store_link(path: Path, attrs: FeatureStoreAttrs) -> dict:
     return {**link, "status": "matches" if matches else f"does not match (its id is {tiles.attrs.store_id})"}
 
 
-def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
-    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks."""
+def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows: int = 4096) -> dict:
+    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks; or,
+    when a sampled chunk fails its checksum, why they are unreadable (the rest is still described)."""
     step = array.chunks[0]
     starts = range(0, array.shape[0], step)
     chosen = list(starts)[:: max(1, len(starts) * step // sample_rows)]
-    sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
+    try:
+        sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
+    except (ValueError, OSError) as error:  # a checksum (ValueError) or an I/O error of a sampled chunk
+        where = "the corrupt chunks are listed under verify" if verify else f"run `inspect-store --verify {path}` to list the corrupt chunks"
+        return {"unreadable": f"{type(error).__name__}: {error}; {where}"}
     finite = sample[np.isfinite(sample).all(axis=1)]
     return {
         "rows_sampled": int(len(sample) // max(1, array.shape[1])),
@@ -97,24 +103,28 @@ def feature_statistics(array: zarr.Array, sample_rows: int = 4096) -> dict:
     }
 
 
-def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
-    """Read every chunk: missing chunks, checksum failures, non-finite values and flagged tiles."""
-    report: dict = {"missing_chunks": [], "corrupt_chunks": [], "non_finite": {}, "ok": True}
+def verify_store(store: Store) -> dict:
+    """Every stored object on disk (missing ones listed with their unit, and whether that unit is
+    marked finished), then every chunk read: checksum failures, non-finite values and flagged tiles."""
+    arrays = {name: store[name] for name in store.array_names()}
+    n_rows = store.attrs.n_rows
+    finished = store.markers().done()
+    missing = [{**entry, "finished": entry["unit"] in finished} for entry in store.missing_objects()]
+    lost = {(entry["array"], entry["rows"][0]) for entry in missing}
+    report: dict = {"missing_chunks": missing, "corrupt_chunks": [], "non_finite": {}, "ok": True}
     if "flags" in arrays:
         report.update(read_failed_tiles=0, padded_tiles=0)
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=sum(a.nchunks for a in arrays.values()), rate="")
         for name, array in arrays.items():
             object_rows = (array.shards or array.chunks)[0]  # rows per stored object: a shard, or an unsharded chunk
-            stored = set(_stored_object_starts(array))
             step = array.chunks[0]
             non_finite = 0
             for start in range(0, n_rows, step):
                 progress.advance(task)
                 rows = [start, min(n_rows, start + step)]
-                if start - start % object_rows not in stored:
-                    report["missing_chunks"].append({"array": name, "rows": rows})
-                    continue
+                if (name, start - start % object_rows) in lost:
+                    continue  # reads as the fill value; listed as missing above
                 try:
                     block = array[start : start + step]
                 except Exception as error:  # noqa: BLE001 - a checksum or codec failure names the chunk
@@ -129,13 +139,6 @@ def verify_arrays(arrays: dict[str, zarr.Array], n_rows: int) -> dict:
                 report["non_finite"][name] = non_finite
     report["ok"] = not report["missing_chunks"] and not report["corrupt_chunks"] and not any(report["non_finite"].values())
     return report
-
-
-def _stored_object_starts(array: zarr.Array) -> list[int]:
-    """First rows of the stored objects (shards, or chunks when unsharded) found on disk."""
-    rows = (array.shards or array.chunks)[0]
-    directory = Path(array.store_path.store.root) / array.path / "c"
-    return [int(p.name) * rows for p in directory.iterdir()] if directory.is_dir() else []
 
 
 def print_description(description: dict) -> None:
@@ -154,16 +157,22 @@ def print_description(description: dict) -> None:
             for s in description["slides"]
         ]))
     if "teacher" in description:
-        teacher = description["teacher"]
+        # A registry teacher's record has every field; a student's (embed) or a test's has fewer.
+        teacher = {key: "-" for key in ("arch", "source", "weights_sha256", "input_px", "resize", "mean", "std", "precision", "target_mpp")} | description["teacher"]
         stand_in = " [yellow](random stand-in)[/yellow]" if teacher.get("stand_in") else ""
-        out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}...")
+        out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}")
         out.print(f"  input {teacher['input_px']} px ({teacher['resize']}), mean {teacher['mean']}, std {teacher['std']}, precision {teacher['precision']}, target mpp {teacher['target_mpp']}")
         out.print("views: " + ", ".join(describe_view(view) for view in description["views"]))
         out.print(f"tile store: {description['tile_store']['path']} {description['tile_store']['status']}")
         out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [
-            [name, str(description["recipes"][name]), str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+            [name, str(description["recipes"][name]), *(
+                ["[red]unreadable[/red]", "-", "-"] if "unreadable" in stats else [str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+            )]
             for name, stats in description["statistics"].items()
         ]))
+        for name, stats in description["statistics"].items():
+            if "unreadable" in stats:
+                out.print(f"[red]statistics of {name!r} unreadable[/red]: {escape(stats['unreadable'])}", soft_wrap=True)
     out.print(f"units: {description['units']['marked_done']}/{description['units']['total']} marked done")
     out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"], [
         [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"])]
@@ -172,12 +181,17 @@ def print_description(description: dict) -> None:
     if "verify" in description:
         v = description["verify"]
         verdict = "[green]ok[/green]" if v["ok"] else "[red]FAILED[/red]"
+        missing = v["missing_chunks"]
         out.print(
-            f"verify: {verdict}; missing chunks {len(v['missing_chunks'])}, corrupt chunks {len(v['corrupt_chunks'])}, "
-            f"non-finite {sum(v['non_finite'].values())}, blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
+            f"verify: {verdict}; missing stored objects {len(missing)} ({sum(m['finished'] for m in missing)} in units marked finished), "
+            f"corrupt chunks {len(v['corrupt_chunks'])}, non-finite {sum(v['non_finite'].values())}, "
+            f"blank after read errors {v.get('read_failed_tiles', 0)}, padded {v.get('padded_tiles', 0)}"
         )
-        for problem in v["missing_chunks"][:10] + v["corrupt_chunks"][:10]:
-            out.print(f"  {problem}")
+        for m in missing[:10]:
+            state = "marked finished" if m["finished"] else "unfinished"
+            out.print(f"  missing: array {m['array']!r} rows {m['rows']} (unit {m['unit']}, {state}): {m['file']}", soft_wrap=True, markup=False)
+        for c in v["corrupt_chunks"][:10]:
+            out.print(f"  corrupt: array {c['array']!r} rows {c['rows']}: {c['error']}", soft_wrap=True, markup=False)
 
 
 def describe_view(view: dict) -> str:

@@ -226,9 +226,9 @@ def test_inspect_store_reads_and_verifies_without_writing(tmp_path, real_svs):
     report = json.loads(result.stdout)["verify"]
     assert result.returncode == 1 and not report["ok"]
     assert [c["array"] for c in report["corrupt_chunks"]] == ["tiles"]
-    (store / "flags" / "c" / "0").unlink()  # an unwritten unit
+    (store / "flags" / "c" / "0").unlink()  # a lost chunk file of a finished unit
     report = json.loads(inspect("--json", "--verify").stdout)["verify"]
-    assert report["missing_chunks"] == [{"array": "flags", "rows": [0, 32]}]
+    assert [(m["array"], m["rows"], m["unit"], m["finished"]) for m in report["missing_chunks"]] == [("flags", [0, 32], 0, True)]
 
 
 def test_direct_tiff_decoding_gives_openslides_pixels(real_svs, slide_factory, he_pixels):

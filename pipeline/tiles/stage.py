@@ -7,6 +7,8 @@
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
 3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
    Units with a marker are skipped, so a rerun after any interruption does only what is missing.
+   A slide that a unit cannot open (it vanished or broke after planning) gets blank, flagged rows,
+   is named in the unit's marker, and at the end is failed in the summary and the store's records.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
     FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
-    open_tile_store, remove_store, unit_ranges, write_rows,
+    open_tile_store, remove_store, rewrite_attrs, unit_ranges, write_rows,
 )
 from pipeline.tiles.slide_identity import DigestCache, SlideIdentity, identify_slide
 from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan, plan_slide, read_tiles
@@ -80,26 +82,52 @@ class TileSummary:
 
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     started = time.perf_counter()
+    run = RunDir.of(config)
+    with exclusive(run.lock("tiles")), ray_session(config.ray):
+        summary = write_tiles(config, plan_tiles(config), overwrite)
+    summary.seconds = time.perf_counter() - started
+    append_stage_record(run.root, summary.as_record())
+    return summary
+
+
+@dataclass
+class TilePlan:
+    """What planning learnt: each slide's plan with its rows [start, end), and how slides were identified."""
+
+    plans: list[SlidePlan]
+    warnings: list[str]  # slides listed more than once
+    hashed_files: int
+    hashed_bytes: int
+
+
+def plan_tiles(config: Config) -> TilePlan:
+    """Phase 1 (needs a Ray session): every slide identified and planned, and its rows in the store."""
     listed = discover_slides(config.slides)
     if not listed.sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
     run = RunDir.of(config)
-    with exclusive(run.lock("tiles")), ray_session(config.ray):
-        identities = _identify_all(listed.sources, DigestCache(run.slide_hashes))
-        plans = _plan_all(listed.sources, identities, config, run.qc)
-        rows = np.cumsum([0] + [len(p.coords) for p in plans])
-        for plan, start, end in zip(plans, rows[:-1], rows[1:]):
-            plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
-        slides = [p.record for p in plans]
-        summary = TileSummary(
-            run.tiles, int(rows[-1]), slides, warnings=listed.repeats,
-            hashed_files=sum(i.hashed_files for i in identities), hashed_bytes=sum(i.hashed_bytes for i in identities),
-        )
-        if summary.n_rows:
-            store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
-            _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
-    summary.seconds = time.perf_counter() - started
-    append_stage_record(run.root, summary.as_record())
+    identities = _identify_all(listed.sources, DigestCache(run.slide_hashes))
+    plans = _plan_all(listed.sources, identities, config, run.qc)
+    rows = np.cumsum([0] + [len(p.coords) for p in plans])
+    for plan, start, end in zip(plans, rows[:-1], rows[1:]):
+        plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
+    return TilePlan(
+        plans, listed.repeats, sum(i.hashed_files for i in identities), sum(i.hashed_bytes for i in identities),
+    )
+
+
+def write_tiles(config: Config, planned: TilePlan, overwrite: bool = False) -> TileSummary:
+    """Phases 2 and 3 (needs a Ray session): the store sized or reused, then every missing unit written."""
+    run = RunDir.of(config)
+    plans = planned.plans
+    slides = [p.record for p in plans]
+    summary = TileSummary(
+        run.tiles, sum(len(p.coords) for p in plans), slides, warnings=planned.warnings,
+        hashed_files=planned.hashed_files, hashed_bytes=planned.hashed_bytes,
+    )
+    if summary.n_rows:
+        store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
+        _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
     return summary
 
 
@@ -186,7 +214,9 @@ def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideR
 
 def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary) -> None:
     ranges = unit_ranges(summary.n_rows, shard_rows)
-    done = UnitMarkers(store_path, store_id).done()
+    earlier = UnitMarkers(store_path, store_id).records()
+    done = set(earlier)
+    lost = [(unit, failure) for unit, record in earlier.items() for failure in record.get("failed_slides", [])]
     todo = [unit for unit in range(len(ranges)) if unit not in done]
     summary.units_total, summary.units_run = len(ranges), len(todo)
     unit_task = ray.remote(num_cpus=1, max_retries=3)(write_unit)
@@ -197,7 +227,8 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
     unit_started = time.perf_counter()
     with progress_bar() as progress:
         task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
-        for _, stats in completed(pending):
+        for unit, stats in completed(pending):
+            lost += [(unit, failure) for failure in stats["failed_slides"]]
             summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
             summary.units_seconds = time.perf_counter() - unit_started
@@ -206,6 +237,21 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
     if done:
         flags = open_tile_store(store_path)["flags"][:]
         summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
+    _fail_slides_lost_after_planning(store_path, summary, lost)
+
+
+def _fail_slides_lost_after_planning(store_path: Path, summary: TileSummary, lost: list[tuple[int, dict]]) -> None:
+    """A slide a unit could not open has blank rows: it is failed, with the reason of its first such
+    unit, in the summary (so in report.json and for --strict) and in the store's slide records."""
+    reasons: dict[int, str] = {}
+    for _, failure in sorted(lost, key=lambda item: item[0]):
+        reasons.setdefault(failure["slide"], failure["error"])
+    if not reasons:
+        return
+    summary.slides = [dataclasses.replace(s, status="failed", error=reasons[s.id]) if s.id in reasons else s for s in summary.slides]
+    store = open_tile_store(store_path)
+    if store.attrs.slides != summary.slides:
+        rewrite_attrs(store, dataclasses.replace(store.attrs, slides=summary.slides))
 
 
 def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
@@ -232,12 +278,17 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
     """Read and write one unit's rows, then mark it done. Idempotent: a retry rewrites the same bytes."""
     began = time.perf_counter()
     columns: dict[str, list[np.ndarray]] = {"tiles": [], "coords": [], "slide": [], "tissue": [], "flags": []}
+    failed_slides = []
     for segment in segments:
         plan = ReadPlan(**segment["read"])
         try:
             reader = SlideReader(Path(segment["path"]), direct=segment["reader"] == "tifffile")
-        except Exception:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
+        except Exception as error:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
             reader = None
+            failed_slides.append({"slide": segment["slide"], "error": (
+                f"vanished or unreadable after planning ({type(error).__name__}: {error}); its tiles are blank and flagged: "
+                "restore the file and rerun `tiles --overwrite`"
+            )})
         try:
             tiles, flags = read_tiles(reader, plan, segment["coords"], segment["dimensions"])
         finally:
@@ -257,6 +308,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
         "read_failed": int(np.count_nonzero(stacked["flags"] & FLAG_READ_FAILED)),
         "read_seconds": read_done - began,
         "write_seconds": finished - read_done,
+        "failed_slides": failed_slides,
     }
     UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, **stats})
     return stats
