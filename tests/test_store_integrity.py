@@ -18,6 +18,7 @@ import subprocess
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -200,7 +201,8 @@ def test_distill_refuses_a_damaged_store_in_one_line(made, tmp_path):
 @pytest.mark.parametrize("damage", ["deleted", "garbage"])
 def test_a_slide_that_vanishes_after_planning_is_a_failed_slide(tmp_path, slide_factory, he_pixels, damage):
     kept = small_slide(slide_factory, he_pixels, f"kept-{damage}.tiff")
-    gone = small_slide(slide_factory, he_pixels, f"gone-{damage}.tiff")
+    # upside down, so that its content differs from the kept slide's (equal content would make it a duplicate)
+    gone = small_slide(slide_factory, np.ascontiguousarray(he_pixels[::-1]), f"gone-{damage}.tiff")
     config = Config.model_validate({**settings(tmp_path / "run", kept), "slides": [str(kept), str(gone)]})
     planned = plan_tiles(config)
     assert [p.record.status for p in planned.plans] == ["ok", "ok"]
