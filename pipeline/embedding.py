@@ -116,11 +116,11 @@ class EmbedWorker:
             for name in outputs
         }
         batch_size = self.settings.batch_size
+        fields = {self.embedders[name].field_px for name in outputs}  # each cut once, for every embedder taking it
         for view_index, view in enumerate(self.views):
             for first in range(0, end - start, batch_size):
                 clock = time.perf_counter()
                 block = pixels[first : first + batch_size]
-                fields = {self.embedders[name].field_px for name in outputs}  # each cut once, for every embedder taking it
                 batches = {px: torch.from_numpy(np.ascontiguousarray(apply_view(block, view, px))) for px in fields}
                 timings["transform"] += time.perf_counter() - clock
                 for name in outputs:

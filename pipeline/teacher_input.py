@@ -53,10 +53,6 @@ def plan_teacher_inputs(
     specs: Sequence[TeacherSpec], tiling: Tiling, views: list[dict], off_scale: Sequence[str] = (),
 ) -> dict[str, TeacherInput]:
     """Each teacher's input on this tile store, or one error listing every teacher that does not fit and the fix."""
-    names = [spec.name for spec in specs]
-    unknown = sorted(set(off_scale) - set(names))
-    if unknown:
-        raise TeacherScaleError(f"features.off_scale names {unknown}, which are not among the teachers of this run ({names}); remove them")
     plans, problems = {}, []
     for spec in specs:
         try:

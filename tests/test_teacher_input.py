@@ -4,6 +4,7 @@ features stage refusing, or recording, a teacher off its scale."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -19,7 +20,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from distill.evaluate.models import fit_to_model
+from distill.evaluate.models import TeacherEmbedder, fit_to_model
 from pipeline.config import Config
 from pipeline.features.stage import run_features
 from pipeline.inspect_store import describe_store
@@ -87,8 +88,6 @@ def test_the_cases_users_meet():
     with pytest.raises(TeacherScaleError, match=r"published at 0.5 um/px, the tile store holds 0.25 um/px: tile at tiling.target_mpp: 0.5"):
         plan_teacher_input(virchow, tiling(0.25), [{"name": "identity"}])
     assert plan_teacher_input(virchow, tiling(tile_px=256), [{"name": "identity"}]).field_px == 224  # the centre, not a shrunk tile
-    with pytest.raises(TeacherScaleError, match="features.off_scale names \\['uni'\\]"):
-        plan_teacher_inputs([virchow], tiling(), [{"name": "identity"}], off_scale=["uni"])
     with pytest.raises(TeacherScaleError) as refused:  # every teacher that does not fit, in one error
         plan_teacher_inputs([virchow, gigapath], tiling(0.25), [{"name": "identity"}])
     assert "'virchow2'" in str(refused.value) and "'prov-gigapath'" in str(refused.value) and "context_px: 16" in str(refused.value)
@@ -166,3 +165,15 @@ def test_features_refuses_a_teacher_off_its_scale_unless_named_and_records_it(tm
     assert zarr.open_group(str(store), mode="r").attrs["teacher"]["input"] == given == describe_store(store)["teacher"]["input"]
     shown = subprocess.run([sys.executable, "cli.py", "inspect-store", str(store)], cwd=REPO, capture_output=True, text=True, check=True)
     assert "given 224 px fields at 1.0 um/px" in shown.stdout and "off its published scale (features.off_scale)" in shown.stdout
+
+
+def test_evaluate_shows_a_teacher_its_published_field(he_pixels):
+    """A stand-in with Prov-GigaPath's field and transform: evaluate cuts 256 px at its mpp, crops the central 224."""
+    spec = dataclasses.replace(get_teacher("demo-convnet"), field_px=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic")
+    model = TeacherEmbedder(spec)
+    assert (model.mpp, model.tile_px) == (0.5, 256)
+    image = he_pixels[1000:1300, 800:1100]  # 300 px at 0.5 um/px
+    fitted, seen_mpp = fit_to_model(image, 0.5, model.mpp, model.tile_px)
+    assert seen_mpp == 0.5 and np.array_equal(fitted, image[22:278, 22:278])
+    expected = model.teacher.forward(published_gigapath(Image.fromarray(image[22:278, 22:278]))[None])
+    assert torch.equal(model.embed(torch.from_numpy(fitted[None]))["mean"], expected["mean"])

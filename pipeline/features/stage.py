@@ -1,9 +1,10 @@
 """The ``features`` stage: ``RUN/tiles.zarr`` + teachers -> ``RUN/features/<teacher>.zarr``, on Ray.
 
 Ray actors each load every teacher of their pool once, then take whole units (the tile store's
-shards of rows): a unit's tiles are read and decoded once and fed to each teacher, which applies
-its own resize and normalisation. Each teacher's rows go to its own store; a marker per store and
-unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
+shards of rows): a unit's tiles are read and decoded once and each teacher is given its published
+field of view at its published mpp (checked before any model is built: pipeline/teacher_input.py),
+to which it applies its own resize and normalisation. Each teacher's rows go to its own store; a
+marker per store and unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
 and its unit retried; a unit is recomputed whole, so retries and reruns write identical bytes.
 """
 
@@ -59,6 +60,8 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     settings = config.features
     names = teachers or settings.teachers
     specs = [get_teacher(name) for name in names]  # unknown names fail before any work, with the list of known teachers
+    for name in settings.off_scale:
+        get_teacher(name)
     pools = settings.pools or [names]
     if sorted(sum(pools, [])) != sorted(names):
         raise ConfigError(f"features.pools {pools} must hold each selected teacher ({names}) exactly once")
