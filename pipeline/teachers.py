@@ -229,8 +229,9 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         params=1_130_000_000,
         notes="ViT-g arch with 16 px patches, 40 blocks (hub config, as mirrored by TRIDENT's local build; "
               "needs timm>=1.0.3). README: Resize 256 bicubic + CenterCrop 224, ImageNet stats, CLS. fp16 "
-              "follows TRIDENT. Scale: 256 px tiles at 0.5 um/px, as its preprocessing and TRIDENT and slide2vec "
-              "read them, so it sees the central 224 px: with 224 px student tiles the store needs "
+              "follows TRIDENT. Scale: 256 px tiles at 0.5 um/px (https://github.com/prov-gigapath/prov-gigapath/blob/main/gigapath/pipeline.py encodes tiles "
+              "named on a 256 px grid with that transform; TRIDENT's table and slide2vec's input_size 256 at "
+              "0.5 um/px agree), so it sees their central 224 px: with 224 px student tiles the store needs "
               "tiling.context_px 16 (pipeline/teacher_input.py). Upscaling a 224 px tile to 256 instead would "
               "show it 0.4375 um/px.",
     ),
