@@ -1,27 +1,29 @@
 """Teacher registry: a teacher is data (a ``TeacherSpec``) plus one builder (``build_teacher``).
 
 A spec carries everything that decides a teacher's embedding, so it doubles as provenance
-(``to_json``): where the weights come from, the timm architecture and kwargs, the teacher's own
-resize / crop / normalisation, which tokens each recipe pools, target mpp and autocast precision.
-Real entries follow each model card and the public pipelines that load the model (TRIDENT, eva), model card
-first; each entry's ``notes`` says where sources disagree and what we follow.
+(``to_json``): where the weights come from, the library (``loader``: timm, transformers, open_clip) with
+the architecture and its kwargs, the teacher's own resize / crop / normalisation, which outputs each recipe
+pools, target mpp and autocast precision. Real entries follow each model card and the public pipelines that
+load the model (TRIDENT, eva), model card first; each entry's ``notes`` cites its sources, says where they
+disagree and what we follow. Users add their own specs in YAML (pipeline/teacher_specs.py), validated the same way.
 
 Weights come from ``source`` (or the builder's ``weights`` override): ``hf-hub:ORG/NAME``, a local file, or
 ``random:SEED`` for a stand-in, always labelled (see pipeline/weights.py). Whatever the source, the weights are
 loaded into the spec's own architecture with every key as stored: a hub repo's config.json is not consulted,
 and no conversion may silently change the published model.
 
-Pooling rules over the token sequence of ``forward_features`` (prefix tokens = CLS + registers):
-``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN,
-the mean over H and W); ``cls_mean`` the two concatenated.
+Pooling rules over a forward pass (pipeline/teacher_loaders.py; prefix tokens = CLS + registers):
+``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN, the mean
+over H and W); ``cls_mean`` the two concatenated; ``pooled`` the library's own pooled embedding (timm's
+pre-logits, transformers' ``pooler_output``, an open_clip image tower's output).
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -31,13 +33,16 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.errors import PathdistillError
 from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
+from pipeline.teacher_loaders import LOADERS, Outputs
 from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
 
 POOLS = {
-    "cls": lambda tokens, prefix: tokens[:, 0],
-    "mean": lambda tokens, prefix: tokens[:, prefix:].mean(1),
-    "cls_mean": lambda tokens, prefix: torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1),
+    "cls": lambda out: out.tokens[:, 0],
+    "mean": lambda out: out.tokens[:, out.prefix:].mean(1),
+    "cls_mean": lambda out: torch.cat([out.tokens[:, 0], out.tokens[:, out.prefix:].mean(1)], dim=-1),
+    "pooled": lambda out: out.pooled,
 }
+TOKEN_RULES = ("cls", "mean", "cls_mean")
 RESIZE_RULES = ("resize", "resize_center_crop")
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
@@ -60,6 +65,7 @@ class TeacherSpec:
 
     name: str
     source: str
+    loader: str = "timm"
     arch: str
     kwargs: dict = field(default_factory=dict)
     input_px: int = 224
@@ -82,6 +88,7 @@ class TeacherSpec:
         except WeightsError as err:
             raise ValueError(f"teacher spec {self.name!r}: {err}") from err
         checks = {
+            f"loader {self.loader!r} must be one of {list(LOADERS)}": self.loader in LOADERS,
             f"recipe rules {list(self.recipes.values())} must be among {list(POOLS)}":
                 all(rule in POOLS for rule in self.recipes.values()),
             f"widths {sorted(self.widths)} must name exactly the recipes {sorted(self.recipes)}":
@@ -248,21 +255,23 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
 )}
 
 
-def get_teacher(name: str) -> TeacherSpec:
-    """The registry entry, or an error that lists the choices."""
-    if name in TEACHERS:
-        return TEACHERS[name]
-    close = difflib.get_close_matches(name, TEACHERS, n=1)
+def get_teacher(name: str, specs: Mapping[str, TeacherSpec] | None = None) -> TeacherSpec:
+    """The spec named ``name``, from the user's ``specs`` (features.teacher_specs) or the registry; else an
+    error that lists the choices."""
+    known = {**TEACHERS, **(specs or {})}
+    if name in known:
+        return known[name]
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UnknownTeacherError(
-        f"unknown teacher {name!r}{hint}; choose one of: {', '.join(TEACHERS)}, "
-        "or add a TeacherSpec entry to TEACHERS in pipeline/teachers.py"
+        f"unknown teacher {name!r}{hint}; choose one of: {', '.join(known)}, "
+        "or define it under features.teacher_specs in the config (see README, Teachers and features)"
     )
 
 
 def create_architecture(spec: TeacherSpec) -> nn.Module:
-    """The spec's architecture with timm's random init; inside ``torch.device("meta")`` it costs nothing."""
-    return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
+    """The spec's architecture with its library's random init; inside ``torch.device("meta")`` it costs nothing."""
+    return LOADERS[spec.loader].create(spec.arch, spec.kwargs)
 
 
 def param_count_meta(spec: TeacherSpec) -> int:
@@ -271,20 +280,25 @@ def param_count_meta(spec: TeacherSpec) -> int:
         return sum(p.numel() for p in create_architecture(spec).parameters())
 
 
-def describe_teachers() -> list[dict]:
-    """One row per registry entry for the ``teachers`` command."""
+def describe_teachers(specs: Mapping[str, TeacherSpec] | None = None, defined_in: str = "") -> list[dict]:
+    """One row per registry entry, then per user spec (``defined_in`` says where those come from), for the
+    ``teachers`` command."""
+    rows = [(spec, "registry") for spec in TEACHERS.values()] + [(spec, defined_in) for spec in (specs or {}).values()]
     return [
         {
             "name": spec.name,
+            "defined_in": origin,
+            "loader": spec.loader,
             "params": param_count_meta(spec) if spec.params is None else spec.params,
             "params_source": "counted" if spec.params is None else "published",
             "widths": dict(spec.widths),
             "recipes": dict(spec.recipes),
             "mpp": spec.target_mpp,
+            "input_px": spec.input_px,
             "source": spec.source,
             "stand_in": spec.stand_in,
         }
-        for spec in TEACHERS.values()
+        for spec, origin in rows
     ]
 
 
@@ -312,8 +326,8 @@ class LoadedTeacher:
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
         """The model alone, on preprocessed NCHW pixels, under the teacher's autocast precision."""
         with torch.inference_mode(), autocast(self.device.type, self.spec.precision):
-            features = self.module.forward_features(pixels)
-        return self.pool(features)
+            outputs = LOADERS[self.spec.loader].forward(self.module, pixels)
+        return self.pool(outputs)
 
     def preprocess(self, batch_uint8_nhwc: Tensor) -> Tensor:
         """Resize/crop on uint8 (as the cards' PIL pipelines do), scale to [0, 1], normalise: NCHW float."""
@@ -331,11 +345,9 @@ class LoadedTeacher:
         x = x.contiguous().float().div_(255)  # back to plain NCHW: the layout the models are fastest on
         return TF.normalize(x, mean=list(spec.mean), std=list(spec.std))
 
-    def pool(self, features: Tensor) -> dict[str, Tensor]:
-        """Each recipe from ``forward_features``: tokens ``[B, N, C]`` or a CNN map ``[B, C, H, W]``."""
-        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
-        prefix = getattr(self.module, "num_prefix_tokens", 0)
-        return {recipe: POOLS[rule](tokens, prefix).float() for recipe, rule in self.spec.recipes.items()}
+    def pool(self, outputs: Outputs) -> dict[str, Tensor]:
+        """Each recipe from one forward pass's outputs."""
+        return {recipe: POOLS[rule](outputs).float() for recipe, rule in self.spec.recipes.items()}
 
 
 def build_teacher(
@@ -344,33 +356,30 @@ def build_teacher(
     """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``."""
     spec = get_teacher(spec) if isinstance(spec, str) else spec
     source = parse_source(weights or spec.source)
+    loader = LOADERS[spec.loader]
     module, weights_sha256 = build_strict(
-        lambda: create_architecture(spec), source, f"teacher {spec.name!r} ({spec.arch})"
+        lambda: create_architecture(spec), source, f"teacher {spec.name!r} ({spec.loader} {spec.arch})",
+        hub_files=loader.hub_files, select=loader.select,
     )
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
     return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device))
 
 
-def _timm_kwargs(spec: TeacherSpec) -> dict:
-    """Spec kwargs with layer names resolved; a teacher is a feature extractor, never with a head."""
-    resolved = {k: _layer(v) if k.endswith("_layer") and isinstance(v, str) else v for k, v in spec.kwargs.items()}
-    return {"num_classes": 0, **resolved}
-
-
-def _layer(name: str) -> type[nn.Module]:
-    for namespace in (torch.nn, timm.layers):
-        if hasattr(namespace, name):
-            return getattr(namespace, name)
-    raise ValueError(f"unknown layer {name!r}: neither torch.nn nor timm.layers has it")
-
-
 def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:
     """Fail at build time, not mid-extraction, when the recipes do not fit the architecture."""
-    if any(rule != "mean" for rule in spec.recipes.values()) and getattr(module, "cls_token", None) is None:
+    shape = LOADERS[spec.loader].shape(module)
+    rules = set(spec.recipes.values())
+    if rules & set(TOKEN_RULES) and shape.token_width is None:
+        raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} pool tokens, a {spec.loader} model gives only 'pooled'")
+    if rules & {"cls", "cls_mean"} and not shape.has_cls:
         raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} need a CLS token, {spec.arch} has none")
-    prefix = getattr(module, "num_prefix_tokens", 0)
-    probe = torch.empty(1, prefix + 1, module.num_features, device="meta")  # widths from the pooling code itself
-    built = {recipe: POOLS[rule](probe, prefix).shape[-1] for recipe, rule in spec.recipes.items()}
+    if "pooled" in rules and shape.pooled_width is None:
+        raise ValueError(f"teacher {spec.name!r}: recipe rule 'pooled' needs a pooled output, {spec.arch} as built has none")
+    # Widths from the pooling code itself, on empty meta tensors of the module's output sizes.
+    tokens = torch.empty(1, shape.prefix + 1, shape.token_width, device="meta") if shape.token_width else None
+    pooled = torch.empty(1, shape.pooled_width, device="meta") if shape.pooled_width else None
+    probe = Outputs(tokens, shape.prefix, pooled)
+    built = {recipe: POOLS[rule](probe).shape[-1] for recipe, rule in spec.recipes.items()}
     if built != spec.widths:
         raise ValueError(f"teacher {spec.name!r}: architecture gives widths {built}, spec says {spec.widths}")

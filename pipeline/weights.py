@@ -75,15 +75,16 @@ class HubCheckpoint:
     def __str__(self) -> str:
         return f"hf-hub:{self.repo}" + (f"@{self.revision}" if self.revision else "")
 
-    def file(self) -> Path:
-        """The cached checkpoint; the error says how to fill the cache where the hub is reachable."""
-        for filename in HUB_WEIGHT_FILES:
+    def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
+        """The first of ``names`` that is cached (each library names its checkpoint files); the error says
+        how to fill the cache where the hub is reachable."""
+        for filename in names:
             if path := self._cached(filename):
                 return path
         offline = " (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE else ""
         download = f"hf download {self.repo}" + (f" --revision {self.revision}" if self.revision else "")
         raise WeightsError(
-            f"no weights ({' or '.join(HUB_WEIGHT_FILES)}) for {self} in the Hugging Face cache "
+            f"no weights ({' or '.join(names)}) for {self} in the Hugging Face cache "
             f"{hf_constants.HF_HUB_CACHE}{offline}. Pre-download them where the hub is reachable with "
             f"`{download}` (gated repos: accept the terms on https://huggingface.co/{self.repo} and "
             "`hf auth login` first), then point HF_HOME or HF_HUB_CACHE at that cache; or pass a local weights file."
@@ -112,7 +113,8 @@ class LocalFile:
     def __str__(self) -> str:
         return str(self.path)
 
-    def file(self) -> Path:
+    def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
+        """The file itself: ``names`` (a hub repo's file names) do not apply to a local file."""
         if not self.path.is_file():
             raise WeightsError(f"weights file {self.path} does not exist")
         return self.path
@@ -160,15 +162,20 @@ def state_dict_for(source: HubCheckpoint | LocalFile) -> dict[str, Tensor]:
     return read_state_dict(source.file())
 
 
-def build_strict(create: Callable[[], Module], source: WeightSource, what: str) -> tuple[Module, str]:
+def build_strict(
+    create: Callable[[], Module], source: WeightSource, what: str,
+    hub_files: tuple[str, ...] = HUB_WEIGHT_FILES, select: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict,
+) -> tuple[Module, str]:
     """``create()`` holding ``source``'s weights, every key as stored, and the sha256 that names those weights:
     of the file for a checkpoint; of the safetensors serialisation for random weights, so that a stand-in
-    saved with ``safetensors.torch.save_file`` keeps its identity."""
+    saved with ``safetensors.torch.save_file`` keeps its identity. ``hub_files`` are the checkpoint names a
+    hub repo is searched for; ``select`` picks the checkpoint's tensors that form the module (e.g. one tower
+    of a two-tower model), and every one of those must fit."""
     if isinstance(source, RandomInit):
         module = source.build(create)
         return module, hashlib.sha256(safetensors.torch.save(module.state_dict())).hexdigest()
-    path = source.file()
-    state = read_state_dict(path)  # before create(): a bad file fails without initialising a billion parameters
+    path = source.file(hub_files)
+    state = select(read_state_dict(path))  # before create(): a bad file fails without initialising a billion parameters
     module = create()
     load_strict(module, state, f"{source} for {what}")
     return module, sha256_file(path)

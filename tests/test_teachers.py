@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from hub_cache import cached_snapshot
+from pipeline.teacher_loaders import Outputs
 from pipeline.teachers import (
     TEACHERS,
     TeacherSpec,
@@ -139,7 +140,7 @@ def test_pool_skips_cls_and_registers(demo_vit):
     tokens = torch.ones(2, 5 + 196, 192)
     tokens[:, 0] = 7.0
     tokens[:, 1:5] = 100.0
-    out = teacher.pool(tokens)
+    out = teacher.pool(Outputs(tokens, teacher.module.num_prefix_tokens, None))
     assert torch.equal(out["cls"], torch.full((2, 192), 7.0))
     assert torch.equal(out["cls_mean"], torch.cat([torch.full((2, 192), 7.0), torch.ones(2, 192)], dim=1))
 
@@ -192,7 +193,7 @@ def test_unknown_teacher_names_input_and_choices():
     with pytest.raises(UnknownTeacherError) as err:
         get_teacher("virchow3")
     message = str(err.value)
-    assert "'virchow3'" in message and "add a TeacherSpec" in message
+    assert "'virchow3'" in message and "features.teacher_specs" in message
     assert all(name in message for name in TEACHERS)
 
 
