@@ -157,19 +157,24 @@ def evaluate(
 
 
 @app.command("teachers")
-def list_teachers(as_json: JsonOption = False) -> None:
-    """The teacher registry: name, parameters, embedding widths, recipes, mpp, source."""
+def list_teachers(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="also list the teachers this config defines (features.teacher_specs)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The teacher registry and the config's own teachers: name, library, parameters, widths, mpp, input, source."""
     from pipeline.console import results, table
+    from pipeline.teacher_specs import parse_teacher_specs, spec_origin
     from pipeline.teachers import describe_teachers
 
-    entries = describe_teachers()
+    specs = load_config(config).features.teacher_specs if config else None
+    entries = describe_teachers(parse_teacher_specs(specs), spec_origin(specs))
     if as_json:
         print(json.dumps(entries, indent=2))
         return
-    results.print(table("teachers", ["name", "params", "widths", "mpp", "source"], [
+    results.print(table("teachers", ["name", "loader", "params", "widths", "mpp", "input px", "source", "defined in"], [
         [
-            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), f"{e['params'] / 1e6:.1f}M",
-            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), str(e["mpp"]), e["source"],
+            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), e["loader"], f"{e['params'] / 1e6:.1f}M",
+            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), str(e["mpp"]), str(e["input_px"]), e["source"], e["defined_in"],
         ]
         for e in entries
     ]))

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from pydantic import ConfigDict
 from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -47,6 +48,14 @@ RESIZE_RULES = ("resize", "resize_center_crop")
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HALF = (0.5, 0.5, 0.5)  # kaiko's normalisation (eva's default, Midnight's card)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
+# Peer loaders at the commits read (research notes: shared research pipelines.md).
+TRIDENT_LOAD = "https://github.com/mahmoodlab/TRIDENT/blob/a91fa8490e0210ebbbe58452c3babe009e0ab7ca/trident/patch_encoder_models/load.py"
+EVA_BACKBONES = "https://github.com/kaiko-ai/eva/blob/73b61a797bfda8daf232f6abea2bc87ac614589c/src/eva/vision/models/networks/backbones/pathology/"
 # Layers named, not imported, so a spec stays JSON; resolved by name at build time.
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
@@ -62,6 +71,8 @@ class TeacherSpec:
     ``params`` (None for stand-ins) and ``widths`` are the published figures; widths are checked against
     the built architecture, so the feature store can size its arrays from the spec alone.
     """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # YAML specs (pipeline/teacher_specs.py): unknown keys refused
 
     name: str
     source: str
@@ -81,6 +92,7 @@ class TeacherSpec:
     params: int | None = None
     stand_in: bool = False
     notes: str = ""
+    cites: tuple[str, ...] = ()  # where the recipe was read: model cards, READMEs, peer loaders
 
     def __post_init__(self) -> None:
         try:
@@ -101,6 +113,7 @@ class TeacherSpec:
             f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
             f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
+            f"cites {list(self.cites)} must be https:// URLs": all(url.startswith("https://") for url in self.cites),
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
@@ -127,6 +140,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         notes="ViT-L/16. Loader kwargs and Resize 224 + CenterCrop 224 (torchvision default bilinear) from "
               "mahmoodlab/UNI get_encoder.py and TRIDENT; CLS. No source read states a precision for UNI's "
               "card; fp16 follows TRIDENT (same lab).",
+        cites=("https://github.com/mahmoodlab/UNI", TRIDENT_LOAD),
     ),
     TeacherSpec(
         name="uni2-h",
@@ -144,6 +158,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         params=681_000_000,
         notes="ViT-H/14 with 8 registers; kwargs verbatim from the UNI README, Resize 224 + CenterCrop 224, "
               "CLS. Precision disagrees: TRIDENT bf16, slide2vec fp16; we follow TRIDENT (same lab as UNI).",
+        cites=("https://huggingface.co/MahmoodLab/UNI2-h", "https://github.com/mahmoodlab/UNI", TRIDENT_LOAD),
     ),
     TeacherSpec(
         name="virchow2",
@@ -163,6 +178,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "with the mean of the patch tokens after the 5 prefix tokens (2560); TRIDENT and slide2vec agree, "
               "STAMP and eva default to CLS only (1280). We cache both. TRIDENT resizes without a crop: the same "
               "on square tiles.",
+        cites=("https://huggingface.co/paige-ai/Virchow2", TRIDENT_LOAD, EVA_BACKBONES + "paige.py"),
     ),
     *(TeacherSpec(
         name=name,
@@ -181,6 +197,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "H-optimus mean/std, CLS. The card feeds 224 px tiles with no resize, so our resize is a no-op "
               "at 224 px; for other sizes we follow slide2vec (bicubic resize + centre crop). H-optimus-1 "
               "uses H-optimus-0's recipe in every source read.",
+        cites=("https://github.com/bioptimus/releases/tree/main/models/h-optimus/v0", TRIDENT_LOAD, EVA_BACKBONES + "bioptimus.py"),
     ) for name, repo in (("h-optimus-0", "H-optimus-0"), ("h-optimus-1", "H-optimus-1"))),
     TeacherSpec(
         name="h0-mini",
@@ -201,6 +218,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "not retrievable; it reproduces the published ~86M parameters, while timm's default ratio 4 "
               "with SwiGLUPacked would give 71.6M. Mean/std: H-optimus values as in the authors' plismbench; "
               "one third-party repo used ImageNet stats.",
+        cites=("https://huggingface.co/bioptimus/H0-mini", TRIDENT_LOAD, EVA_BACKBONES + "bioptimus.py"),
     ),
     TeacherSpec(
         name="prov-gigapath",
@@ -220,6 +238,167 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "needs timm>=1.0.3). README: Resize 256 bicubic + CenterCrop 224, ImageNet stats, CLS. fp16 "
               "follows TRIDENT. TRIDENT and slide2vec read 256 px tiles at 0.5 mpp for it: a 224 px tile is "
               "upscaled to 256 before the crop, which changes the effective magnification.",
+        cites=("https://github.com/prov-gigapath/prov-gigapath", TRIDENT_LOAD, EVA_BACKBONES + "gigapath.py"),
+    ),
+    TeacherSpec(
+        name="virchow",
+        source="hf-hub:paige-ai/Virchow",
+        arch="vit_huge_patch14_224",
+        kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **SWIGLU, "dynamic_img_size": True},
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 1280, "cls_mean": 2560},
+        precision="fp16",
+        params=632_000_000,
+        notes="Virchow (v1): ViT-H/14 without registers, SwiGLUPacked/SiLU, mlp_ratio 5.3375 (TRIDENT's local build). "
+              "Card and TRIDENT: Resize 224 bicubic (no crop: the same on square tiles), ImageNet stats, fp16, CLS "
+              "concatenated with the mean of the patch tokens after the CLS (2560, TRIDENT's default); CLS alone "
+              "(1280) cached too. 632M parameters (paper). 224 px at 20x (TRIDENT README).",
+        cites=("https://huggingface.co/paige-ai/Virchow", TRIDENT_LOAD),
+    ),
+    TeacherSpec(
+        name="kaiko-vitl14",
+        source="hf-hub:1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms",
+        arch="vit_large_patch14_reg4_dinov2",
+        kwargs={"img_size": 518, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=HALF,
+        std=HALF,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp32",
+        params=304_000_000,
+        notes="kaiko.ai ViT-L/14 with 4 registers, built at 518 px (its position embedding's grid) and run at 224 "
+              "px with dynamic_img_size, as TRIDENT does; weights as timm-converted by 1aurent (TRIDENT's source; eva "
+              "loads the same model through torch.hub with trust_repo, which we never do). Resize 224 + CenterCrop "
+              "224 bilinear, mean/std 0.5, CLS (timm's token pool), fp32 (TRIDENT). TRIDENT reads 256 px tiles at 20x "
+              "for every kaiko model, so its crop sees a 0.571 um/px view; we follow the 0.5 um/px, 224 px recipe.",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "kaiko.py", "https://github.com/kaiko-ai/towards_large_pathology_fms"),
+    ),
+    TeacherSpec(
+        name="lunit-vits8",
+        source="hf-hub:1aurent/vit_small_patch8_224.lunit_dino",
+        arch="vit_small_patch8_224",
+        kwargs={"img_size": 224, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=LUNIT_MEAN,
+        std=LUNIT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 384},
+        precision="fp32",
+        params=21_700_000,
+        notes="Lunit DINO ViT-S/8 (benchmark-ssl-pathology). Arch and kwargs from TRIDENT (weights as timm-converted by "
+              "1aurent; eva reads Lunit's own release, a pickle). Mean/std: the training values eva quotes from "
+              "Lunit; Resize 224 + CenterCrop 224 as eva's ResizeAndCrop (TRIDENT takes the hub's data config, not "
+              "retrievable here); CLS; fp32. Trained on TCGA tiles at 20x and 40x; 224 px at 20x as TRIDENT.",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "lunit.py", "https://github.com/lunit-io/benchmark-ssl-pathology"),
+    ),
+    TeacherSpec(
+        name="gpfm",
+        source="hf-hub:majiabo/GPFM/GPFM.pth",
+        arch="vit_large_patch14_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp16",
+        params=304_000_000,
+        notes="GPFM: DINOv2 ViT-L/14 at 224 px, init_values 1e-5 (TRIDENT; eva adds qkv_bias True, timm's default). "
+              "TRIDENT loads majiabo/GPFM's GPFM.pth strictly into timm (eva converts the teacher keys of the GitHub "
+              "release instead); we read it with torch.load(weights_only=True), so a file holding more than tensors "
+              "is refused. Resize 224 bicubic (no crop), ImageNet stats, CLS, fp16; 224 px at 20x (TRIDENT).",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "hkust.py", "https://github.com/birkhoffkiki/GPFM"),
+    ),
+    TeacherSpec(
+        name="phikon",
+        source="hf-hub:owkin/phikon",
+        loader="transformers",
+        arch="vit",
+        kwargs={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                "patch_size": 16, "image_size": 224, "add_pooling_layer": False},
+        resize="resize",
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 768},
+        precision="fp32",
+        params=85_800_000,
+        notes="Phikon: iBOT ViT-B/16 as a transformers ViTModel without its pooling layer (card and TRIDENT: "
+              "add_pooling_layer=False), CLS of last_hidden_state. Resize 224 bilinear, ImageNet stats, fp32 "
+              "(TRIDENT). Config values are ViT-B/16's, not read from the hub config.json (not retrievable here): "
+              "strict loading refuses a checkpoint that does not fit. 20x TCGA tiles (card).",
+        cites=("https://huggingface.co/owkin/phikon", TRIDENT_LOAD, EVA_BACKBONES + "owkin.py"),
+    ),
+    TeacherSpec(
+        name="phikon-v2",
+        source="hf-hub:owkin/phikon-v2",
+        loader="transformers",
+        arch="dinov2",
+        kwargs={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
+                "image_size": 224},
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp32",
+        params=303_000_000,
+        notes="Phikon-v2: DINOv2 ViT-L/16 through AutoModel (a Dinov2Model), CLS of last_hidden_state (card, TRIDENT, "
+              "eva). Resize 224 + CenterCrop 224 (torchvision's bilinear), ImageNet stats, fp32 (TRIDENT); the card's "
+              "image processor config was not retrievable. Config values are ViT-L/16's at 224 px, not read from the "
+              "hub config.json: strict loading refuses a checkpoint that does not fit. 20x tiles (eva docs).",
+        cites=("https://huggingface.co/owkin/phikon-v2", TRIDENT_LOAD, EVA_BACKBONES + "owkin.py"),
+    ),
+    *(TeacherSpec(
+        name=f"hibou-{size.lower()}",
+        source=f"hf-hub:histai/hibou-{size}",
+        loader="transformers",
+        arch="dinov2_with_registers",
+        kwargs={**dims, "patch_size": 14, "image_size": 224, "num_register_tokens": 4},
+        resize="resize",
+        interpolation="bicubic",
+        mean=HIBOU_MEAN,
+        std=HIBOU_STD,
+        recipes={"cls": "pooled"},
+        widths={"cls": dims["hidden_size"]},
+        precision="fp32",
+        params=params,
+        notes=f"Hibou-{size}: DINOv2 ViT-{size}/14 with 4 registers. The card and eva load it with "
+              "trust_remote_code=True (histai's own DINOv2 code), which we never run: it is built as transformers' "
+              "Dinov2WithRegistersModel, the same architecture, and strict loading refuses the checkpoint if its "
+              "keys differ (not checkable here: the hub files were not retrievable). TRIDENT (Hibou-L): Resize 224 "
+              "bicubic, Hibou mean/std, pooler_output (the layer-normed CLS), fp32; 224 px at 20x.",
+        cites=("https://huggingface.co/histai/hibou-" + size, TRIDENT_LOAD, EVA_BACKBONES + "histai.py"),
+    ) for size, dims, params in (
+        ("B", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}, 86_000_000),
+        ("L", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}, 304_000_000),
+    )),
+    TeacherSpec(
+        name="midnight-12k",
+        source="hf-hub:kaiko-ai/midnight",
+        loader="transformers",
+        arch="dinov2",
+        kwargs={"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "patch_size": 14,
+                "image_size": 224, "use_swiglu_ffn": True},
+        interpolation="bilinear",
+        mean=HALF,
+        std=HALF,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 1536, "cls_mean": 3072},
+        precision="fp16",
+        params=1_130_000_000,
+        notes="Midnight-12k: DINOv2 ViT-g/14 (SwiGLU FFN) through AutoModel, without remote code as TRIDENT loads it "
+              "(eva passes trust_remote_code). Card and TRIDENT: Resize 224 + CenterCrop 224, mean/std 0.5; the card "
+              "embeds CLS concatenated with the patch-token mean (3072), TRIDENT defaults to CLS (1536): we cache "
+              "both. fp16 (TRIDENT). Config values are DINOv2-giant's at 224 px, not read from the hub config.json: "
+              "strict loading refuses a checkpoint that does not fit. Trained on several magnifications; 224 px at "
+              "20x as TRIDENT.",
+        cites=("https://huggingface.co/kaiko-ai/midnight", TRIDENT_LOAD, EVA_BACKBONES + "kaiko.py"),
     ),
     TeacherSpec(
         name="demo-vit",

@@ -3,8 +3,8 @@
 A weight source is one of
 
 * ``random:SEED`` - timm's own init under a private RNG stream seeded with SEED: bitwise reproducible;
-* ``hf-hub:ORG/NAME[@REVISION]`` - a checkpoint (``model.safetensors``, else ``pytorch_model.bin``) from the
-  Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
+* ``hf-hub:ORG/NAME[/FILE][@REVISION]`` - a checkpoint (FILE, else the loader's usual names:
+  ``model.safetensors``, else ``pytorch_model.bin`` for timm) from the Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
   and how to pre-download it;
 * a local ``.safetensors`` / ``.bin`` / ``.pth`` / ``.pt`` file - pickles only through
   ``torch.load(weights_only=True)``, never a full unpickle.
@@ -40,7 +40,7 @@ from pipeline.files import sha256_file
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
-SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
+SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[/FILE][@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
 
 Module = TypeVar("Module", bound=nn.Module)
 
@@ -71,13 +71,15 @@ class HubCheckpoint:
 
     repo: str
     revision: str | None = None
+    filename: str | None = None  # a repo whose checkpoint has none of the usual names (GPFM.pth)
 
     def __str__(self) -> str:
-        return f"hf-hub:{self.repo}" + (f"@{self.revision}" if self.revision else "")
+        return f"hf-hub:{self.repo}" + (f"/{self.filename}" if self.filename else "") + (f"@{self.revision}" if self.revision else "")
 
     def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
-        """The first of ``names`` that is cached (each library names its checkpoint files); the error says
-        how to fill the cache where the hub is reachable."""
+        """The source's own file, else the first of ``names`` that is cached (each library names its checkpoint
+        files); the error says how to fill the cache where the hub is reachable."""
+        names = (self.filename,) if self.filename else names
         for filename in names:
             if path := self._cached(filename):
                 return path
@@ -131,10 +133,13 @@ def parse_source(text: str) -> WeightSource:
             raise WeightsError(f"weight source {text!r}: the seed must be a non-negative integer, as in random:0")
         return RandomInit(int(seed))
     if text.startswith("hf-hub:"):
-        repo, at, revision = text.removeprefix("hf-hub:").partition("@")
-        if not HUB_REPO.fullmatch(repo) or (at and not revision):
-            raise WeightsError(f"weight source {text!r} must read hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
-        return HubCheckpoint(repo, revision or None)
+        path, at, revision = text.removeprefix("hf-hub:").partition("@")
+        org, _, rest = path.partition("/")
+        name, _, filename = rest.partition("/")
+        repo = f"{org}/{name}"
+        if not HUB_REPO.fullmatch(repo) or (at and not revision) or (filename and Path(filename).suffix not in LOCAL_WEIGHT_SUFFIXES):
+            raise WeightsError(f"weight source {text!r} must read hf-hub:ORG/NAME, with /FILE (a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file) or @REVISION after it if need be")
+        return HubCheckpoint(repo, revision or None, filename or None)
     if Path(text).suffix not in LOCAL_WEIGHT_SUFFIXES:
         raise WeightsError(f"weight source {text!r} is none of {SOURCE_FORMS}")
     return LocalFile(Path(text))

@@ -21,6 +21,7 @@ from pipeline.locks import exclusive
 from pipeline.ray_runtime import ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, now, open_tile_store
+from pipeline.teacher_specs import parse_teacher_specs
 from pipeline.teachers import build_teacher, get_teacher
 from pipeline.views import expand_views
 
@@ -57,8 +58,8 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     started = time.perf_counter()
     settings = config.features
     names = teachers or settings.teachers
-    for name in names:
-        get_teacher(name)  # unknown names fail before any work, with the list of known teachers
+    user_specs = parse_teacher_specs(settings.teacher_specs)
+    specs = {name: get_teacher(name, user_specs) for name in names}  # unknown names fail before any work, listing the known
     pools = settings.pools or [names]
     if sorted(sum(pools, [])) != sorted(names):
         raise ConfigError(f"features.pools {pools} must hold each selected teacher ({names}) exactly once")
@@ -72,7 +73,7 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
-            builders = {name: functools.partial(build_teacher, name, weights=settings.weights.get(name)) for name in pool}
+            builders = {name: functools.partial(build_teacher, specs[name], weights=settings.weights.get(name)) for name in pool}
             embed_pool(tiles, builders, {name: run.features(name) for name in pool}, views, actors, config.store, overwrite, summary)
     summary.seconds = time.perf_counter() - started
     append_stage_record(run.root, summary.as_record())
