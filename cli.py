@@ -178,6 +178,10 @@ def list_teachers(
         ]
         for e in entries
     ]))
+    results.print("recipes read from:")
+    for e in entries:
+        if e["cites"]:
+            results.print(f"  {e['name']}: " + " ".join(e["cites"]), soft_wrap=True)
 
 
 @app.command("inspect-store")

@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from pipeline.weights import WeightsError, load_strict
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -40,13 +42,15 @@ class Shape:
 
 
 class Loader:
-    """What every loader shares: the hub files it reads, and which checkpoint keys form the teacher."""
+    """What every loader shares: the hub files it reads, and how a checkpoint's tensors reach the module."""
 
     hub_files = ("model.safetensors", "pytorch_model.bin")  # timm's own order: the pickle only as a fallback
 
-    def select(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The checkpoint's tensors that belong to the teacher module: all of them, unless a loader says otherwise."""
-        return state
+    def load(self, arch: str, kwargs: dict, state: dict[str, Tensor], what: str) -> nn.Module:
+        """The architecture holding ``state``: every key as stored, none missing, none left over."""
+        module = self.create(arch, kwargs)
+        load_strict(module, state, what)
+        return module
 
 
 class TimmLoader(Loader):
@@ -72,13 +76,32 @@ class TransformersLoader(Loader):
     Checkpoints are read as safetensors only."""
 
     hub_files = ("model.safetensors",)
+    model_arguments = ("add_pooling_layer",)  # kwargs of the model class, not of its config
 
     def create(self, arch: str, kwargs: dict) -> nn.Module:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
 
-        model_kwargs = {k: kwargs[k] for k in ("add_pooling_layer",) if k in kwargs}  # model, not config, arguments
-        config = AutoConfig.for_model(arch, **{k: v for k, v in kwargs.items() if k not in model_kwargs})
+        config, model_kwargs = self._config(arch, kwargs)
         return AutoModel.from_config(config, **model_kwargs)
+
+    def load(self, arch: str, kwargs: dict, state: dict[str, Tensor], what: str) -> nn.Module:
+        """Through the library's own loading, which maps the hub's stored key names onto the module's (they differ
+        in transformers 5), in float32 whatever the stored dtype, refusing any key missing, left over or misshapen."""
+        from transformers import MODEL_MAPPING
+
+        config, model_kwargs = self._config(arch, kwargs)
+        module, info = MODEL_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=state, dtype=torch.float32, output_loading_info=True, **model_kwargs)
+        problems = {kind: sorted(map(str, info[kind]))[:5] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
+        if problems:
+            raise WeightsError(f"{what}: the checkpoint does not fit the spec's architecture: {problems}")
+        return module
+
+    def _config(self, arch: str, kwargs: dict):
+        from transformers import AutoConfig
+
+        model_kwargs = {k: v for k, v in kwargs.items() if k in self.model_arguments}
+        return AutoConfig.for_model(arch, **{k: v for k, v in kwargs.items() if k not in model_kwargs}), model_kwargs
 
     def forward(self, module: nn.Module, pixels: Tensor) -> Outputs:
         out = module(pixel_values=pixels)
@@ -101,11 +124,13 @@ class OpenClipLoader(Loader):
     def create(self, arch: str, kwargs: dict) -> nn.Module:
         import open_clip
 
-        model = open_clip.create_model(arch, pretrained=None, load_weights=False, pretrained_text=False, **kwargs)
+        # open_clip moves the model to ``device`` at the end: the ambient one, so a meta-device build stays free.
+        model = open_clip.create_model(arch, pretrained=None, load_weights=False, pretrained_text=False, device=torch.get_default_device(), **kwargs)
         return model.visual
 
-    def select(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {key.removeprefix("visual."): value for key, value in state.items() if key.startswith("visual.")}
+    def load(self, arch: str, kwargs: dict, state: dict[str, Tensor], what: str) -> nn.Module:
+        tower = {key.removeprefix("visual."): value for key, value in state.items() if key.startswith("visual.")}
+        return super().load(arch, kwargs, tower, what)
 
     def forward(self, module: nn.Module, pixels: Tensor) -> Outputs:
         return Outputs(None, 0, module(pixels))  # encode_image without normalisation (CONCH's proj_contrast=False is a tower setting)

@@ -82,13 +82,13 @@ class TeacherSpec:
     input_px: int = 224
     resize: str = "resize_center_crop"
     resize_px: int = 224
-    interpolation: str
+    interpolation: str = "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     recipes: dict[str, str]
     widths: dict[str, int]
     target_mpp: float = 0.5
-    precision: str
+    precision: str = "fp32"  # exact: an autocast precision is a published recipe's choice, written out
     params: int | None = None
     stand_in: bool = False
     notes: str = ""
@@ -476,6 +476,7 @@ def describe_teachers(specs: Mapping[str, TeacherSpec] | None = None, defined_in
             "input_px": spec.input_px,
             "source": spec.source,
             "stand_in": spec.stand_in,
+            "cites": list(spec.cites),
         }
         for spec, origin in rows
     ]
@@ -536,9 +537,10 @@ def build_teacher(
     spec = get_teacher(spec) if isinstance(spec, str) else spec
     source = parse_source(weights or spec.source)
     loader = LOADERS[spec.loader]
+    what = f"teacher {spec.name!r} ({spec.loader} {spec.arch})"
     module, weights_sha256 = build_strict(
-        lambda: create_architecture(spec), source, f"teacher {spec.name!r} ({spec.loader} {spec.arch})",
-        hub_files=loader.hub_files, select=loader.select,
+        lambda: create_architecture(spec), source, what, hub_files=loader.hub_files,
+        load=lambda state: loader.load(spec.arch, spec.kwargs, state, f"{source} for {what}"),
     )
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
@@ -550,7 +552,7 @@ def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:
     shape = LOADERS[spec.loader].shape(module)
     rules = set(spec.recipes.values())
     if rules & set(TOKEN_RULES) and shape.token_width is None:
-        raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} pool tokens, a {spec.loader} model gives only 'pooled'")
+        raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} pool tokens, {spec.loader} models give only 'pooled'")
     if rules & {"cls", "cls_mean"} and not shape.has_cls:
         raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} need a CLS token, {spec.arch} has none")
     if "pooled" in rules and shape.pooled_width is None:

@@ -169,18 +169,20 @@ def state_dict_for(source: HubCheckpoint | LocalFile) -> dict[str, Tensor]:
 
 def build_strict(
     create: Callable[[], Module], source: WeightSource, what: str,
-    hub_files: tuple[str, ...] = HUB_WEIGHT_FILES, select: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict,
+    hub_files: tuple[str, ...] = HUB_WEIGHT_FILES, load: Callable[[dict[str, Tensor]], Module] | None = None,
 ) -> tuple[Module, str]:
     """``create()`` holding ``source``'s weights, every key as stored, and the sha256 that names those weights:
     of the file for a checkpoint; of the safetensors serialisation for random weights, so that a stand-in
     saved with ``safetensors.torch.save_file`` keeps its identity. ``hub_files`` are the checkpoint names a
-    hub repo is searched for; ``select`` picks the checkpoint's tensors that form the module (e.g. one tower
-    of a two-tower model), and every one of those must fit."""
+    hub repo is searched for; ``load`` replaces ``create()`` + ``load_strict`` for a library that must map
+    the stored keys itself, and must be as strict."""
     if isinstance(source, RandomInit):
         module = source.build(create)
         return module, hashlib.sha256(safetensors.torch.save(module.state_dict())).hexdigest()
     path = source.file(hub_files)
-    state = select(read_state_dict(path))  # before create(): a bad file fails without initialising a billion parameters
+    state = read_state_dict(path)  # before create(): a bad file fails without initialising a billion parameters
+    if load is not None:
+        return load(state), sha256_file(path)
     module = create()
     load_strict(module, state, f"{source} for {what}")
     return module, sha256_file(path)
