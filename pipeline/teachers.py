@@ -53,7 +53,7 @@ LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
 LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 HIBOU_MEAN = (0.7068, 0.5755, 0.722)
 HIBOU_STD = (0.195, 0.2316, 0.1816)
-# Peer loaders at the commits read (research notes: shared research pipelines.md).
+# Peer loaders, pinned to the commits whose code the entries were checked against.
 TRIDENT_LOAD = "https://github.com/mahmoodlab/TRIDENT/blob/a91fa8490e0210ebbbe58452c3babe009e0ab7ca/trident/patch_encoder_models/load.py"
 EVA_BACKBONES = "https://github.com/kaiko-ai/eva/blob/73b61a797bfda8daf232f6abea2bc87ac614589c/src/eva/vision/models/networks/backbones/pathology/"
 # Layers named, not imported, so a spec stays JSON; resolved by name at build time.
