@@ -1,8 +1,8 @@
 """The model libraries a teacher can come from: timm, Hugging Face ``transformers``, open_clip image towers.
 
-A loader turns a spec's ``arch`` and ``kwargs`` into a module with random init (the weights are loaded
-afterwards, strictly, by pipeline/weights.py), runs the module on preprocessed pixels, and says what it
-outputs. The spec alone decides the architecture, whatever the library: a hub repo's config.json or
+A loader turns a spec's ``arch`` and ``kwargs`` into a module with random init, loads a checkpoint's
+tensors into it strictly (every key as stored; transformers through its own mapping of the hub's key
+names), runs the module on preprocessed pixels, and says what it outputs. The spec alone decides the architecture, whatever the library: a hub repo's config.json or
 open_clip_config.json is never consulted, so a changed hub file cannot silently change a teacher, and every
 entry builds on the meta device. No loader runs code from a model repo (no ``trust_remote_code``).
 
