@@ -157,22 +157,31 @@ def evaluate(
 
 
 @app.command("teachers")
-def list_teachers(as_json: JsonOption = False) -> None:
-    """The teacher registry: name, parameters, embedding widths, recipes, published scale (tile px at mpp), source."""
+def list_teachers(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="also list the teachers this config defines (features.teacher_specs)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The teacher registry and the config's own teachers: name, library, parameters, widths, published scale (tile px at mpp), source."""
     from pipeline.console import results, table
+    from pipeline.teacher_specs import parse_teacher_specs, spec_origin
     from pipeline.teachers import describe_teachers
 
-    entries = describe_teachers()
+    specs = load_config(config).features.teacher_specs if config else None
+    entries = describe_teachers(parse_teacher_specs(specs), spec_origin(specs))
     if as_json:
         print(json.dumps(entries, indent=2))
         return
-    results.print(table("teachers", ["name", "params", "widths", "published tile", "source"], [
+    results.print(table("teachers", ["name", "loader", "params", "widths", "published tile", "source", "defined in"], [
         [
-            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), f"{e['params'] / 1e6:.1f}M",
-            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), f"{e['field_px']} px at {e['mpp']} um/px", e["source"],
+            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), e["loader"], f"{e['params'] / 1e6:.1f}M",
+            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), f"{e['field_px']} px at {e['mpp']} um/px", e["source"], e["defined_in"],
         ]
         for e in entries
     ]))
+    results.print("recipes read from:")
+    for e in entries:
+        if e["cites"]:
+            results.print(f"  {e['name']}: " + " ".join(e["cites"]), soft_wrap=True)
 
 
 @app.command("inspect-store")

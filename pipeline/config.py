@@ -69,7 +69,8 @@ class RayConfig(Strict):
 
 
 class FeaturesConfig(Strict):
-    teachers: list[str] = Field(default_factory=lambda: ["demo-vit", "demo-convnet"], description="registry names")
+    teachers: list[str] = Field(default_factory=lambda: ["demo-vit", "demo-convnet"], description="registry names or names defined in teacher_specs")
+    teacher_specs: dict[str, dict[str, Any]] | Path | None = Field(None, description="teachers defined here: name -> TeacherSpec fields (pipeline/teachers.py), or a YAML file of them")
     weights: dict[str, str] = Field(default_factory=dict, description="teacher -> local weights file, replacing its source")
     off_scale: list[str] = Field(default_factory=list, description="teachers allowed to run at the tile store's mpp when it is not the one they were published at (recorded in the feature store's provenance)")
     views: list[str] = Field(default_factory=lambda: ["identity"], description="identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270, 'dihedral' (all 8), or crop:DX,DY (needs tiling.context_px)")
@@ -78,6 +79,14 @@ class FeaturesConfig(Strict):
     actors: int | None = Field(None, gt=0, description="actors per pool; none: one per GPU, or one per 2 CPUs without GPUs")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 on GPU clusters)")
     threads_per_actor: int = Field(2, gt=0, description="torch CPU threads per actor")
+
+    @model_validator(mode="after")
+    def _teacher_specs_valid(self) -> FeaturesConfig:
+        if self.teacher_specs is not None:  # checked with the config, so a bad spec fails before any work
+            from pipeline.teacher_specs import parse_teacher_specs
+
+            parse_teacher_specs(self.teacher_specs)
+        return self
 
 
 class DistillConfig(Strict):

@@ -1,30 +1,33 @@
 """Teacher registry: a teacher is data (a ``TeacherSpec``) plus one builder (``build_teacher``).
 
 A spec carries everything that decides a teacher's embedding, so it doubles as provenance
-(``to_json``): where the weights come from, the timm architecture and kwargs, the teacher's own
-resize / crop / normalisation, which tokens each recipe pools, the scale it was published at (``target_mpp``
-and ``field_px``: the tile its published transform takes) and autocast precision.
-Real entries follow each model card and the public pipelines that load the model (TRIDENT, eva), model card
-first; each entry's ``notes`` says where sources disagree and what we follow.
+(``to_json``): where the weights come from, the library (``loader``: timm, transformers, open_clip) with
+the architecture and its kwargs, the teacher's own resize / crop / normalisation, which outputs each recipe
+pools, the scale it was published at (``target_mpp`` and ``field_px``: the tile its published transform
+takes) and autocast precision. Real entries follow each model card and the public pipelines that load the
+model (TRIDENT, eva), model card first; each entry's ``notes`` cites its sources, says where they disagree
+and what we follow. Users add their own specs in YAML (pipeline/teacher_specs.py), validated the same way.
 
 Weights come from ``source`` (or the builder's ``weights`` override): ``hf-hub:ORG/NAME``, a local file, or
 ``random:SEED`` for a stand-in, always labelled (see pipeline/weights.py). Whatever the source, the weights are
 loaded into the spec's own architecture with every key as stored: a hub repo's config.json is not consulted,
 and no conversion may silently change the published model.
 
-Pooling rules over the token sequence of ``forward_features`` (prefix tokens = CLS + registers):
-``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN,
-the mean over H and W); ``cls_mean`` the two concatenated.
+Pooling rules over a forward pass (pipeline/teacher_loaders.py; prefix tokens = CLS + registers):
+``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN, the mean
+over H and W); ``cls_mean`` the two concatenated; ``pooled`` the library's own pooled embedding (timm's
+pre-logits, transformers' ``pooler_output``, an open_clip image tower's output).
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from pydantic import ConfigDict
 from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -32,17 +35,28 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.errors import PathdistillError
 from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
+from pipeline.teacher_loaders import LOADERS, Outputs
 from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
 
 POOLS = {
-    "cls": lambda tokens, prefix: tokens[:, 0],
-    "mean": lambda tokens, prefix: tokens[:, prefix:].mean(1),
-    "cls_mean": lambda tokens, prefix: torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1),
+    "cls": lambda out: out.tokens[:, 0],
+    "mean": lambda out: out.tokens[:, out.prefix:].mean(1),
+    "cls_mean": lambda out: torch.cat([out.tokens[:, 0], out.tokens[:, out.prefix:].mean(1)], dim=-1),
+    "pooled": lambda out: out.pooled,
 }
+TOKEN_RULES = ("cls", "mean", "cls_mean")
 RESIZE_RULES = ("resize", "resize_center_crop")
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HALF = (0.5, 0.5, 0.5)  # kaiko's normalisation (eva's default, Midnight's card)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
+# Peer loaders, pinned to the commits whose code the entries were checked against.
+TRIDENT_LOAD = "https://github.com/mahmoodlab/TRIDENT/blob/a91fa8490e0210ebbbe58452c3babe009e0ab7ca/trident/patch_encoder_models/load.py"
+EVA_BACKBONES = "https://github.com/kaiko-ai/eva/blob/73b61a797bfda8daf232f6abea2bc87ac614589c/src/eva/vision/models/networks/backbones/pathology/"
 # Layers named, not imported, so a spec stays JSON; resolved by name at build time.
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
@@ -62,24 +76,28 @@ class TeacherSpec:
     published resize leaves as it is. pipeline/teacher_input.py holds a tile store to that scale.
     """
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # YAML specs (pipeline/teacher_specs.py): unknown keys refused
+
     name: str
     source: str
+    loader: str = "timm"
     arch: str
     kwargs: dict = field(default_factory=dict)
     input_px: int = 224
     resize: str = "resize_center_crop"
     resize_px: int = 224
-    interpolation: str
+    interpolation: str = "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     recipes: dict[str, str]
     widths: dict[str, int]
     target_mpp: float = 0.5
     field_px: int | None = None
-    precision: str
+    precision: str = "fp32"  # exact: an autocast precision is a published recipe's choice, written out
     params: int | None = None
     stand_in: bool = False
     notes: str = ""
+    cites: tuple[str, ...] = ()  # where the recipe was read: model cards, READMEs, peer loaders
 
     def __post_init__(self) -> None:
         try:
@@ -87,6 +105,7 @@ class TeacherSpec:
         except WeightsError as err:
             raise ValueError(f"teacher spec {self.name!r}: {err}") from err
         checks = {
+            f"loader {self.loader!r} must be one of {list(LOADERS)}": self.loader in LOADERS,
             f"recipe rules {list(self.recipes.values())} must be among {list(POOLS)}":
                 all(rule in POOLS for rule in self.recipes.values()),
             f"widths {sorted(self.widths)} must name exactly the recipes {sorted(self.recipes)}":
@@ -101,6 +120,7 @@ class TeacherSpec:
             f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
             f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
+            f"cites {list(self.cites)} must be https:// URLs": all(url.startswith("https://") for url in self.cites),
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
@@ -132,6 +152,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "card; fp16 follows TRIDENT (same lab). Scale: 224 px at 0.5 um/px (20x, slide2vec), on which the card's "
               "transform is a no-op; the paper tiles 256 and 512 px at 20x for DINOv2's crops, and TRIDENT reads "
               "256 px at 20x and resizes them to 224 (0.571 um/px): a spec with field_px 256 reproduces that.",
+        cites=("https://github.com/mahmoodlab/UNI", TRIDENT_LOAD),
     ),
     TeacherSpec(
         name="uni2-h",
@@ -150,6 +171,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         params=681_000_000,
         notes="ViT-H/14 with 8 registers; kwargs verbatim from the UNI README, Resize 224 + CenterCrop 224, "
               "CLS. Precision disagrees: TRIDENT bf16, slide2vec fp16; we follow TRIDENT (same lab as UNI). Scale as UNI's: 224 px at 0.5 um/px.",
+        cites=("https://huggingface.co/MahmoodLab/UNI2-h", "https://github.com/mahmoodlab/UNI", TRIDENT_LOAD),
     ),
     TeacherSpec(
         name="virchow2",
@@ -171,6 +193,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "STAMP and eva default to CLS only (1280). We cache both. TRIDENT resizes without a crop: the same "
               "on square tiles. Scale: 224 px at 20x (0.5 um/px) as in TRIDENT; trained on mixed magnifications "
               "(https://arxiv.org/abs/2408.00738), so off_scale runs at 0.25-2 um/px are defensible.",
+        cites=("https://huggingface.co/paige-ai/Virchow2", TRIDENT_LOAD, EVA_BACKBONES + "paige.py"),
     ),
     *(TeacherSpec(
         name=name,
@@ -190,6 +213,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "H-optimus mean/std, CLS. The card feeds 224 px tiles with no resize, so our resize is a no-op "
               "at 224 px; for other sizes we follow slide2vec (bicubic resize + centre crop). H-optimus-1 "
               "uses H-optimus-0's recipe in every source read. Scale: the card's 224 px tiles at 0.5 um/px.",
+        cites=("https://github.com/bioptimus/releases/tree/main/models/h-optimus/v0", TRIDENT_LOAD, EVA_BACKBONES + "bioptimus.py"),
     ) for name, repo in (("h-optimus-0", "H-optimus-0"), ("h-optimus-1", "H-optimus-1"))),
     TeacherSpec(
         name="h0-mini",
@@ -211,6 +235,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "not retrievable; it reproduces the published ~86M parameters, while timm's default ratio 4 "
               "with SwiGLUPacked would give 71.6M. Mean/std: H-optimus values as in the authors' plismbench; "
               "one third-party repo used ImageNet stats. Scale: 224 px at 0.5 um/px, as its teacher's.",
+        cites=("https://huggingface.co/bioptimus/H0-mini", TRIDENT_LOAD, EVA_BACKBONES + "bioptimus.py"),
     ),
     TeacherSpec(
         name="prov-gigapath",
@@ -234,6 +259,167 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "0.5 um/px agree), so it sees their central 224 px: with 224 px student tiles the store needs "
               "tiling.context_px 16 (pipeline/teacher_input.py). Upscaling a 224 px tile to 256 instead would "
               "show it 0.4375 um/px.",
+        cites=("https://github.com/prov-gigapath/prov-gigapath", TRIDENT_LOAD, EVA_BACKBONES + "gigapath.py"),
+    ),
+    TeacherSpec(
+        name="virchow",
+        source="hf-hub:paige-ai/Virchow",
+        arch="vit_huge_patch14_224",
+        kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **SWIGLU, "dynamic_img_size": True},
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 1280, "cls_mean": 2560},
+        precision="fp16",
+        params=632_000_000,
+        notes="Virchow (v1): ViT-H/14 without registers, SwiGLUPacked/SiLU, mlp_ratio 5.3375 (TRIDENT's local build). "
+              "Card and TRIDENT: Resize 224 bicubic (no crop: the same on square tiles), ImageNet stats, fp16, CLS "
+              "concatenated with the mean of the patch tokens after the CLS (2560, TRIDENT's default); CLS alone "
+              "(1280) cached too. 632M parameters (paper). 224 px at 20x (TRIDENT README).",
+        cites=("https://huggingface.co/paige-ai/Virchow", TRIDENT_LOAD),
+    ),
+    TeacherSpec(
+        name="kaiko-vitl14",
+        source="hf-hub:1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms",
+        arch="vit_large_patch14_reg4_dinov2",
+        kwargs={"img_size": 518, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=HALF,
+        std=HALF,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp32",
+        params=304_000_000,
+        notes="kaiko.ai ViT-L/14 with 4 registers, built at 518 px (its position embedding's grid) and run at 224 "
+              "px with dynamic_img_size, as TRIDENT does; weights as timm-converted by 1aurent (TRIDENT's source; eva "
+              "loads the same model through torch.hub with trust_repo, which we never do). Resize 224 + CenterCrop "
+              "224 bilinear, mean/std 0.5, CLS (timm's token pool), fp32 (TRIDENT). TRIDENT reads 256 px tiles at 20x "
+              "for every kaiko model, so its crop sees a 0.571 um/px view; we follow the 0.5 um/px, 224 px recipe.",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "kaiko.py", "https://github.com/kaiko-ai/towards_large_pathology_fms"),
+    ),
+    TeacherSpec(
+        name="lunit-vits8",
+        source="hf-hub:1aurent/vit_small_patch8_224.lunit_dino",
+        arch="vit_small_patch8_224",
+        kwargs={"img_size": 224, "dynamic_img_size": True},
+        interpolation="bilinear",
+        mean=LUNIT_MEAN,
+        std=LUNIT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 384},
+        precision="fp32",
+        params=21_700_000,
+        notes="Lunit DINO ViT-S/8 (benchmark-ssl-pathology). Arch and kwargs from TRIDENT (weights as timm-converted by "
+              "1aurent; eva reads Lunit's own release, a pickle). Mean/std: the training values eva quotes from "
+              "Lunit; Resize 224 + CenterCrop 224 as eva's ResizeAndCrop (TRIDENT takes the hub's data config, not "
+              "retrievable here); CLS; fp32. Trained on TCGA tiles at 20x and 40x; 224 px at 20x as TRIDENT.",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "lunit.py", "https://github.com/lunit-io/benchmark-ssl-pathology"),
+    ),
+    TeacherSpec(
+        name="gpfm",
+        source="hf-hub:majiabo/GPFM/GPFM.pth",
+        arch="vit_large_patch14_dinov2",
+        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp16",
+        params=304_000_000,
+        notes="GPFM: DINOv2 ViT-L/14 at 224 px, init_values 1e-5 (TRIDENT; eva adds qkv_bias True, timm's default). "
+              "TRIDENT loads majiabo/GPFM's GPFM.pth strictly into timm (eva converts the teacher keys of the GitHub "
+              "release instead); we read it with torch.load(weights_only=True), so a file holding more than tensors "
+              "is refused. Resize 224 bicubic (no crop), ImageNet stats, CLS, fp16; 224 px at 20x (TRIDENT).",
+        cites=(TRIDENT_LOAD, EVA_BACKBONES + "hkust.py", "https://github.com/birkhoffkiki/GPFM"),
+    ),
+    TeacherSpec(
+        name="phikon",
+        source="hf-hub:owkin/phikon",
+        loader="transformers",
+        arch="vit",
+        kwargs={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                "patch_size": 16, "image_size": 224, "add_pooling_layer": False},
+        resize="resize",
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 768},
+        precision="fp32",
+        params=85_800_000,
+        notes="Phikon: iBOT ViT-B/16 as a transformers ViTModel without its pooling layer (card and TRIDENT: "
+              "add_pooling_layer=False), CLS of last_hidden_state. Resize 224 bilinear, ImageNet stats, fp32 "
+              "(TRIDENT). Config values are ViT-B/16's, not read from the hub config.json (not retrievable here): "
+              "strict loading refuses a checkpoint that does not fit. 20x TCGA tiles (card).",
+        cites=("https://huggingface.co/owkin/phikon", TRIDENT_LOAD, EVA_BACKBONES + "owkin.py"),
+    ),
+    TeacherSpec(
+        name="phikon-v2",
+        source="hf-hub:owkin/phikon-v2",
+        loader="transformers",
+        arch="dinov2",
+        kwargs={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
+                "image_size": 224},
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        recipes={"cls": "cls"},
+        widths={"cls": 1024},
+        precision="fp32",
+        params=303_000_000,
+        notes="Phikon-v2: DINOv2 ViT-L/16 through AutoModel (a Dinov2Model), CLS of last_hidden_state (card, TRIDENT, "
+              "eva). Resize 224 + CenterCrop 224 (torchvision's bilinear), ImageNet stats, fp32 (TRIDENT); the card's "
+              "image processor config was not retrievable. Config values are ViT-L/16's at 224 px, not read from the "
+              "hub config.json: strict loading refuses a checkpoint that does not fit. 20x tiles (eva docs).",
+        cites=("https://huggingface.co/owkin/phikon-v2", TRIDENT_LOAD, EVA_BACKBONES + "owkin.py"),
+    ),
+    *(TeacherSpec(
+        name=f"hibou-{size.lower()}",
+        source=f"hf-hub:histai/hibou-{size}",
+        loader="transformers",
+        arch="dinov2_with_registers",
+        kwargs={**dims, "patch_size": 14, "image_size": 224, "num_register_tokens": 4},
+        resize="resize",
+        interpolation="bicubic",
+        mean=HIBOU_MEAN,
+        std=HIBOU_STD,
+        recipes={"cls": "pooled"},
+        widths={"cls": dims["hidden_size"]},
+        precision="fp32",
+        params=params,
+        notes=f"Hibou-{size}: DINOv2 ViT-{size}/14 with 4 registers. The card and eva load it with "
+              "trust_remote_code=True (histai's own DINOv2 code), which we never run: it is built as transformers' "
+              "Dinov2WithRegistersModel, the same architecture, and strict loading refuses the checkpoint if its "
+              "keys differ (not checkable here: the hub files were not retrievable). TRIDENT (Hibou-L): Resize 224 "
+              "bicubic, Hibou mean/std, pooler_output (the layer-normed CLS), fp32; 224 px at 20x.",
+        cites=("https://huggingface.co/histai/hibou-" + size, TRIDENT_LOAD, EVA_BACKBONES + "histai.py"),
+    ) for size, dims, params in (
+        ("B", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}, 86_000_000),
+        ("L", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}, 304_000_000),
+    )),
+    TeacherSpec(
+        name="midnight-12k",
+        source="hf-hub:kaiko-ai/midnight",
+        loader="transformers",
+        arch="dinov2",
+        kwargs={"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "patch_size": 14,
+                "image_size": 224, "use_swiglu_ffn": True},
+        interpolation="bilinear",
+        mean=HALF,
+        std=HALF,
+        recipes={"cls": "cls", "cls_mean": "cls_mean"},
+        widths={"cls": 1536, "cls_mean": 3072},
+        precision="fp16",
+        params=1_130_000_000,
+        notes="Midnight-12k: DINOv2 ViT-g/14 (SwiGLU FFN) through AutoModel, without remote code as TRIDENT loads it "
+              "(eva passes trust_remote_code). Card and TRIDENT: Resize 224 + CenterCrop 224, mean/std 0.5; the card "
+              "embeds CLS concatenated with the patch-token mean (3072), TRIDENT defaults to CLS (1536): we cache "
+              "both. fp16 (TRIDENT). Config values are DINOv2-giant's at 224 px, not read from the hub config.json: "
+              "strict loading refuses a checkpoint that does not fit. Trained on several magnifications; 224 px at "
+              "20x as TRIDENT.",
+        cites=("https://huggingface.co/kaiko-ai/midnight", TRIDENT_LOAD, EVA_BACKBONES + "kaiko.py"),
     ),
     TeacherSpec(
         name="demo-vit",
@@ -270,21 +456,23 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
 )}
 
 
-def get_teacher(name: str) -> TeacherSpec:
-    """The registry entry, or an error that lists the choices."""
-    if name in TEACHERS:
-        return TEACHERS[name]
-    close = difflib.get_close_matches(name, TEACHERS, n=1)
+def get_teacher(name: str, specs: Mapping[str, TeacherSpec] | None = None) -> TeacherSpec:
+    """The spec named ``name``, from the user's ``specs`` (features.teacher_specs) or the registry; else an
+    error that lists the choices."""
+    known = {**TEACHERS, **(specs or {})}
+    if name in known:
+        return known[name]
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UnknownTeacherError(
-        f"unknown teacher {name!r}{hint}; choose one of: {', '.join(TEACHERS)}, "
-        "or add a TeacherSpec entry to TEACHERS in pipeline/teachers.py"
+        f"unknown teacher {name!r}{hint}; choose one of: {', '.join(known)}, "
+        "or define it under features.teacher_specs in the config (see README, Teachers and features)"
     )
 
 
 def create_architecture(spec: TeacherSpec) -> nn.Module:
-    """The spec's architecture with timm's random init; inside ``torch.device("meta")`` it costs nothing."""
-    return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
+    """The spec's architecture with its library's random init; inside ``torch.device("meta")`` it costs nothing."""
+    return LOADERS[spec.loader].create(spec.arch, spec.kwargs)
 
 
 def param_count_meta(spec: TeacherSpec) -> int:
@@ -293,21 +481,27 @@ def param_count_meta(spec: TeacherSpec) -> int:
         return sum(p.numel() for p in create_architecture(spec).parameters())
 
 
-def describe_teachers() -> list[dict]:
-    """One row per registry entry for the ``teachers`` command."""
+def describe_teachers(specs: Mapping[str, TeacherSpec] | None = None, defined_in: str = "") -> list[dict]:
+    """One row per registry entry, then per user spec (``defined_in`` says where those come from), for the
+    ``teachers`` command."""
+    rows = [(spec, "registry") for spec in TEACHERS.values()] + [(spec, defined_in) for spec in (specs or {}).values()]
     return [
         {
             "name": spec.name,
+            "defined_in": origin,
+            "loader": spec.loader,
             "params": param_count_meta(spec) if spec.params is None else spec.params,
             "params_source": "counted" if spec.params is None else "published",
             "widths": dict(spec.widths),
             "recipes": dict(spec.recipes),
             "mpp": spec.target_mpp,
             "field_px": spec.field_px,
+            "input_px": spec.input_px,
             "source": spec.source,
             "stand_in": spec.stand_in,
+            "cites": list(spec.cites),
         }
-        for spec in TEACHERS.values()
+        for spec, origin in rows
     ]
 
 
@@ -344,8 +538,8 @@ class LoadedTeacher:
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
         """The model alone, on preprocessed NCHW pixels, under the teacher's autocast precision."""
         with torch.inference_mode(), autocast(self.device.type, self.spec.precision):
-            features = self.module.forward_features(pixels)
-        return self.pool(features)
+            outputs = LOADERS[self.spec.loader].forward(self.module, pixels)
+        return self.pool(outputs)
 
     def preprocess(self, batch_uint8_nhwc: Tensor) -> Tensor:
         """Resize/crop on uint8 (as the cards' PIL pipelines do), scale to [0, 1], normalise: NCHW float."""
@@ -363,11 +557,9 @@ class LoadedTeacher:
         x = x.contiguous().float().div_(255)  # back to plain NCHW: the layout the models are fastest on
         return TF.normalize(x, mean=list(spec.mean), std=list(spec.std))
 
-    def pool(self, features: Tensor) -> dict[str, Tensor]:
-        """Each recipe from ``forward_features``: tokens ``[B, N, C]`` or a CNN map ``[B, C, H, W]``."""
-        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
-        prefix = getattr(self.module, "num_prefix_tokens", 0)
-        return {recipe: POOLS[rule](tokens, prefix).float() for recipe, rule in self.spec.recipes.items()}
+    def pool(self, outputs: Outputs) -> dict[str, Tensor]:
+        """Each recipe from one forward pass's outputs."""
+        return {recipe: POOLS[rule](outputs).float() for recipe, rule in self.spec.recipes.items()}
 
 
 def build_teacher(
@@ -377,33 +569,31 @@ def build_teacher(
     ``input_record`` (how a features run cuts its input) is carried into its provenance."""
     spec = get_teacher(spec) if isinstance(spec, str) else spec
     source = parse_source(weights or spec.source)
+    loader = LOADERS[spec.loader]
+    what = f"teacher {spec.name!r} ({spec.loader} {spec.arch})"
     module, weights_sha256 = build_strict(
-        lambda: create_architecture(spec), source, f"teacher {spec.name!r} ({spec.arch})"
+        lambda: create_architecture(spec), source, what, hub_files=loader.hub_files,
+        load=lambda state: loader.load(spec.arch, spec.kwargs, state, f"{source} for {what}"),
     )
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
     return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device), input_record=input_record)
 
 
-def _timm_kwargs(spec: TeacherSpec) -> dict:
-    """Spec kwargs with layer names resolved; a teacher is a feature extractor, never with a head."""
-    resolved = {k: _layer(v) if k.endswith("_layer") and isinstance(v, str) else v for k, v in spec.kwargs.items()}
-    return {"num_classes": 0, **resolved}
-
-
-def _layer(name: str) -> type[nn.Module]:
-    for namespace in (torch.nn, timm.layers):
-        if hasattr(namespace, name):
-            return getattr(namespace, name)
-    raise ValueError(f"unknown layer {name!r}: neither torch.nn nor timm.layers has it")
-
-
 def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:
     """Fail at build time, not mid-extraction, when the recipes do not fit the architecture."""
-    if any(rule != "mean" for rule in spec.recipes.values()) and getattr(module, "cls_token", None) is None:
+    shape = LOADERS[spec.loader].shape(module)
+    rules = set(spec.recipes.values())
+    if rules & set(TOKEN_RULES) and shape.token_width is None:
+        raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} pool tokens, {spec.loader} models give only 'pooled'")
+    if rules & {"cls", "cls_mean"} and not shape.has_cls:
         raise ValueError(f"teacher {spec.name!r}: recipes {spec.recipes} need a CLS token, {spec.arch} has none")
-    prefix = getattr(module, "num_prefix_tokens", 0)
-    probe = torch.empty(1, prefix + 1, module.num_features, device="meta")  # widths from the pooling code itself
-    built = {recipe: POOLS[rule](probe, prefix).shape[-1] for recipe, rule in spec.recipes.items()}
+    if "pooled" in rules and shape.pooled_width is None:
+        raise ValueError(f"teacher {spec.name!r}: recipe rule 'pooled' needs a pooled output, {spec.arch} as built has none")
+    # Widths from the pooling code itself, on empty meta tensors of the module's output sizes.
+    tokens = torch.empty(1, shape.prefix + 1, shape.token_width, device="meta") if shape.token_width else None
+    pooled = torch.empty(1, shape.pooled_width, device="meta") if shape.pooled_width else None
+    probe = Outputs(tokens, shape.prefix, pooled)
+    built = {recipe: POOLS[rule](probe).shape[-1] for recipe, rule in spec.recipes.items()}
     if built != spec.widths:
         raise ValueError(f"teacher {spec.name!r}: architecture gives widths {built}, spec says {spec.widths}")

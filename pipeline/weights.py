@@ -3,8 +3,8 @@
 A weight source is one of
 
 * ``random:SEED`` - timm's own init under a private RNG stream seeded with SEED: bitwise reproducible;
-* ``hf-hub:ORG/NAME[@REVISION]`` - a checkpoint (``model.safetensors``, else ``pytorch_model.bin``) from the
-  Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
+* ``hf-hub:ORG/NAME[/FILE][@REVISION]`` - a checkpoint (FILE, else the loader's usual names:
+  ``model.safetensors``, else ``pytorch_model.bin`` for timm) from the Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
   and how to pre-download it;
 * a local ``.safetensors`` / ``.bin`` / ``.pth`` / ``.pt`` file - pickles only through
   ``torch.load(weights_only=True)``, never a full unpickle.
@@ -40,7 +40,7 @@ from pipeline.files import sha256_file
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
-SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
+SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[/FILE][@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
 
 Module = TypeVar("Module", bound=nn.Module)
 
@@ -71,19 +71,22 @@ class HubCheckpoint:
 
     repo: str
     revision: str | None = None
+    filename: str | None = None  # a repo whose checkpoint has none of the usual names (GPFM.pth)
 
     def __str__(self) -> str:
-        return f"hf-hub:{self.repo}" + (f"@{self.revision}" if self.revision else "")
+        return f"hf-hub:{self.repo}" + (f"/{self.filename}" if self.filename else "") + (f"@{self.revision}" if self.revision else "")
 
-    def file(self) -> Path:
-        """The cached checkpoint; the error says how to fill the cache where the hub is reachable."""
-        for filename in HUB_WEIGHT_FILES:
+    def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
+        """The source's own file, else the first of ``names`` that is cached (each library names its checkpoint
+        files); the error says how to fill the cache where the hub is reachable."""
+        names = (self.filename,) if self.filename else names
+        for filename in names:
             if path := self._cached(filename):
                 return path
         offline = " (HF_HUB_OFFLINE is set)" if hf_constants.HF_HUB_OFFLINE else ""
         download = f"hf download {self.repo}" + (f" --revision {self.revision}" if self.revision else "")
         raise WeightsError(
-            f"no weights ({' or '.join(HUB_WEIGHT_FILES)}) for {self} in the Hugging Face cache "
+            f"no weights ({' or '.join(names)}) for {self} in the Hugging Face cache "
             f"{hf_constants.HF_HUB_CACHE}{offline}. Pre-download them where the hub is reachable with "
             f"`{download}` (gated repos: accept the terms on https://huggingface.co/{self.repo} and "
             "`hf auth login` first), then point HF_HOME or HF_HUB_CACHE at that cache; or pass a local weights file."
@@ -112,7 +115,8 @@ class LocalFile:
     def __str__(self) -> str:
         return str(self.path)
 
-    def file(self) -> Path:
+    def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
+        """The file itself: ``names`` (a hub repo's file names) do not apply to a local file."""
         if not self.path.is_file():
             raise WeightsError(f"weights file {self.path} does not exist")
         return self.path
@@ -129,10 +133,13 @@ def parse_source(text: str) -> WeightSource:
             raise WeightsError(f"weight source {text!r}: the seed must be a non-negative integer, as in random:0")
         return RandomInit(int(seed))
     if text.startswith("hf-hub:"):
-        repo, at, revision = text.removeprefix("hf-hub:").partition("@")
-        if not HUB_REPO.fullmatch(repo) or (at and not revision):
-            raise WeightsError(f"weight source {text!r} must read hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
-        return HubCheckpoint(repo, revision or None)
+        path, at, revision = text.removeprefix("hf-hub:").partition("@")
+        org, _, rest = path.partition("/")
+        name, _, filename = rest.partition("/")
+        repo = f"{org}/{name}"
+        if not HUB_REPO.fullmatch(repo) or (at and not revision) or (filename and Path(filename).suffix not in LOCAL_WEIGHT_SUFFIXES):
+            raise WeightsError(f"weight source {text!r} must read hf-hub:ORG/NAME, with /FILE (a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file) or @REVISION after it if need be")
+        return HubCheckpoint(repo, revision or None, filename or None)
     if Path(text).suffix not in LOCAL_WEIGHT_SUFFIXES:
         raise WeightsError(f"weight source {text!r} is none of {SOURCE_FORMS}")
     return LocalFile(Path(text))
@@ -160,15 +167,22 @@ def state_dict_for(source: HubCheckpoint | LocalFile) -> dict[str, Tensor]:
     return read_state_dict(source.file())
 
 
-def build_strict(create: Callable[[], Module], source: WeightSource, what: str) -> tuple[Module, str]:
+def build_strict(
+    create: Callable[[], Module], source: WeightSource, what: str,
+    hub_files: tuple[str, ...] = HUB_WEIGHT_FILES, load: Callable[[dict[str, Tensor]], Module] | None = None,
+) -> tuple[Module, str]:
     """``create()`` holding ``source``'s weights, every key as stored, and the sha256 that names those weights:
     of the file for a checkpoint; of the safetensors serialisation for random weights, so that a stand-in
-    saved with ``safetensors.torch.save_file`` keeps its identity."""
+    saved with ``safetensors.torch.save_file`` keeps its identity. ``hub_files`` are the checkpoint names a
+    hub repo is searched for; ``load`` replaces ``create()`` + ``load_strict`` for a library that must map
+    the stored keys itself, and must be as strict."""
     if isinstance(source, RandomInit):
         module = source.build(create)
         return module, hashlib.sha256(safetensors.torch.save(module.state_dict())).hexdigest()
-    path = source.file()
+    path = source.file(hub_files)
     state = read_state_dict(path)  # before create(): a bad file fails without initialising a billion parameters
+    if load is not None:
+        return load(state), sha256_file(path)
     module = create()
     load_strict(module, state, f"{source} for {what}")
     return module, sha256_file(path)

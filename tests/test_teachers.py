@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from hub_cache import cached_snapshot
+from pipeline.teacher_loaders import LOADERS, Outputs
 from pipeline.teachers import (
     TEACHERS,
     TeacherSpec,
@@ -30,17 +31,26 @@ from pipeline.weights import WeightsError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Published figures (model cards / papers, cited in each entry's notes): parameters, width per
-# recipe, and prefix tokens (CLS + registers) the patch mean must skip.
+# recipe, prefix tokens (CLS + registers) the patch mean must skip, and patch size.
 PUBLISHED = {
-    "uni": (303e6, {"cls": 1024}, 1),
-    "uni2-h": (681e6, {"cls": 1536}, 9),
-    "virchow2": (631e6, {"cls": 1280, "cls_mean": 2560}, 5),
-    "h-optimus-0": (1.13e9, {"cls": 1536}, 5),
-    "h-optimus-1": (1.13e9, {"cls": 1536}, 5),
-    "h0-mini": (86e6, {"cls": 768, "cls_mean": 1536}, 5),
-    "prov-gigapath": (1.13e9, {"cls": 1536}, 1),
+    "uni": (303e6, {"cls": 1024}, 1, 16),
+    "uni2-h": (681e6, {"cls": 1536}, 9, 14),
+    "virchow2": (631e6, {"cls": 1280, "cls_mean": 2560}, 5, 14),
+    "h-optimus-0": (1.13e9, {"cls": 1536}, 5, 14),
+    "h-optimus-1": (1.13e9, {"cls": 1536}, 5, 14),
+    "h0-mini": (86e6, {"cls": 768, "cls_mean": 1536}, 5, 14),
+    "prov-gigapath": (1.13e9, {"cls": 1536}, 1, 16),
+    "virchow": (632e6, {"cls": 1280, "cls_mean": 2560}, 1, 14),
+    "kaiko-vitl14": (304e6, {"cls": 1024}, 5, 14),
+    "lunit-vits8": (21.7e6, {"cls": 384}, 1, 8),
+    "gpfm": (304e6, {"cls": 1024}, 1, 14),
+    "phikon": (86e6, {"cls": 768}, 1, 16),
+    "phikon-v2": (300e6, {"cls": 1024}, 1, 16),
+    "hibou-b": (86e6, {"cls": 768}, 5, 14),
+    "hibou-l": (304e6, {"cls": 1024}, 5, 14),
+    "midnight-12k": (1.1e9, {"cls": 1536, "cls_mean": 3072}, 1, 14),
 }
-WIDTH_FACTOR = {"cls": 1, "mean": 1, "cls_mean": 2}
+WIDTH_FACTOR = {"cls": 1, "mean": 1, "cls_mean": 2, "pooled": 1}
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +79,20 @@ def test_every_real_entry_is_checked_against_published_figures():
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_real_architecture_matches_published_figures(name):
     spec = get_teacher(name)
-    params, widths, prefix = PUBLISHED[name]
+    params, widths, prefix, patch = PUBLISHED[name]
     with torch.device("meta"):
         model = create_architecture(spec)
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.02)
-    assert spec.params == pytest.approx(params, rel=0.02)
-    built = {recipe: WIDTH_FACTOR[rule] * model.num_features for recipe, rule in spec.recipes.items()}
+    # "1.1B" and "300M" are rounded in the papers; the rest are given to three figures.
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.035)
+    assert spec.params == pytest.approx(params, rel=0.035)
+    # The forward pass keeps its shape: prefix tokens + (input_px / patch)^2 patch tokens of the model's width.
+    outputs = LOADERS[spec.loader].forward(model, torch.empty(2, 3, spec.input_px, spec.input_px, device="meta"))
+    width = outputs.tokens.shape[-1]
+    assert outputs.tokens.shape == (2, prefix + (spec.input_px // patch) ** 2, width) and outputs.prefix == prefix
+    built = {recipe: WIDTH_FACTOR[rule] * width for recipe, rule in spec.recipes.items()}
     assert built == widths == spec.widths
-    assert model.num_prefix_tokens == prefix
-    # The forward pass keeps its shape too: prefix tokens + (input_px / patch)^2 patch tokens.
-    tokens = model.forward_features(torch.empty(2, 3, spec.input_px, spec.input_px, device="meta"))
-    patch = model.patch_embed.patch_size[0]
-    assert tokens.shape == (2, prefix + (spec.input_px // patch) ** 2, model.num_features)
     assert spec.source.startswith("hf-hub:") and spec.target_mpp == 0.5 and not spec.stand_in
+    assert spec.cites and all(url.startswith("https://") for url in spec.cites)
 
 
 def test_param_count_meta_counts_a_giant_model():
@@ -143,7 +154,7 @@ def test_pool_skips_cls_and_registers(demo_vit):
     tokens = torch.ones(2, 5 + 196, 192)
     tokens[:, 0] = 7.0
     tokens[:, 1:5] = 100.0
-    out = teacher.pool(tokens)
+    out = teacher.pool(Outputs(tokens, teacher.module.num_prefix_tokens, None))
     assert torch.equal(out["cls"], torch.full((2, 192), 7.0))
     assert torch.equal(out["cls_mean"], torch.cat([torch.full((2, 192), 7.0), torch.ones(2, 192)], dim=1))
 
@@ -196,7 +207,7 @@ def test_unknown_teacher_names_input_and_choices():
     with pytest.raises(UnknownTeacherError) as err:
         get_teacher("virchow3")
     message = str(err.value)
-    assert "'virchow3'" in message and "add a TeacherSpec" in message
+    assert "'virchow3'" in message and "features.teacher_specs" in message
     assert all(name in message for name in TEACHERS)
 
 

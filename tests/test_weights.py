@@ -53,6 +53,8 @@ class NotATensor:
     ("random:7", RandomInit(7)),
     ("hf-hub:MahmoodLab/UNI", HubCheckpoint("MahmoodLab/UNI")),
     ("hf-hub:bioptimus/H0-mini@v1.0", HubCheckpoint("bioptimus/H0-mini", "v1.0")),
+    ("hf-hub:majiabo/GPFM/GPFM.pth", HubCheckpoint("majiabo/GPFM", filename="GPFM.pth")),
+    ("hf-hub:org/name/sub/weights.safetensors@abc", HubCheckpoint("org/name", "abc", "sub/weights.safetensors")),
     ("checkpoints/model.pth", LocalFile(Path("checkpoints/model.pth"))),
 ])
 def test_each_kind_of_source_parses_and_prints_back(text, parsed):
@@ -65,6 +67,7 @@ def test_each_kind_of_source_parses_and_prints_back(text, parsed):
     ("random:-1", "seed must be a non-negative integer"),
     ("hf-hub:UNI", "must read hf-hub:ORG/NAME"),
     ("hf-hub:org/name@", "must read hf-hub:ORG/NAME"),
+    ("hf-hub:org/name/config.json", "must read hf-hub:ORG/NAME, with /FILE"),
     ("hf_hub:org/name", "is none of random:SEED, hf-hub:ORG/NAME"),
     ("weights.txt", r"is none of .*\.safetensors / \.bin / \.pth / \.pt file"),
 ])
@@ -139,6 +142,16 @@ def test_a_cached_hub_checkpoint_loads_as_a_teacher_and_as_a_student(cached_demo
     assert same_weights(teacher.module, weights) and teacher.weights_sha256 == sha256(path)
     student = Student(DEMO.arch, DEMO.kwargs, init=f"hf-hub:localorg/tiny@{REVISION}")
     assert same_weights(student.backbone, weights)
+
+
+def test_a_hub_source_naming_its_file_reads_that_file_only(cached_demo_vit):
+    path, weights = cached_demo_vit
+    renamed = path.with_name("GPFM.pth")
+    torch.save(weights, renamed)  # a pickle of tensors: read with weights_only, as a local .pth is
+    teacher = build_teacher("demo-vit", weights="hf-hub:localorg/tiny/GPFM.pth")
+    assert same_weights(teacher.module, weights) and teacher.weights_sha256 == sha256(renamed)
+    with pytest.raises(WeightsError, match=r"no weights \(other.safetensors\) for hf-hub:localorg/tiny/other.safetensors"):
+        build_teacher("demo-vit", weights="hf-hub:localorg/tiny/other.safetensors")
 
 
 def test_a_repo_missing_from_the_cache_fails_alike_for_teacher_and_student(cached_demo_vit):

@@ -23,6 +23,7 @@ from pipeline.ray_runtime import ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, now, open_tile_store
 from pipeline.teacher_input import plan_teacher_inputs
+from pipeline.teacher_specs import parse_teacher_specs
 from pipeline.teachers import build_teacher, get_teacher
 from pipeline.views import expand_views
 
@@ -59,9 +60,10 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     started = time.perf_counter()
     settings = config.features
     names = teachers or settings.teachers
-    specs = [get_teacher(name) for name in names]  # unknown names fail before any work, with the list of known teachers
+    user_specs = parse_teacher_specs(settings.teacher_specs)
+    specs = {name: get_teacher(name, user_specs) for name in names}  # unknown names fail before any work, listing the known
     for name in settings.off_scale:
-        get_teacher(name)
+        get_teacher(name, user_specs)
     pools = settings.pools or [names]
     if sorted(sum(pools, [])) != sorted(names):
         raise ConfigError(f"features.pools {pools} must hold each selected teacher ({names}) exactly once")
@@ -71,13 +73,13 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     units = tiles.units()
     tiling = tiles.attrs.tiling
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
-    inputs = plan_teacher_inputs(specs, tiling, views, settings.off_scale)  # each teacher at its published scale, before any model
+    inputs = plan_teacher_inputs(list(specs.values()), tiling, views, settings.off_scale)  # each teacher at its published scale, before any model
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
     actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
             builders = {
-                name: functools.partial(build_teacher, name, weights=settings.weights.get(name), input_record=inputs[name].as_record())
+                name: functools.partial(build_teacher, specs[name], weights=settings.weights.get(name), input_record=inputs[name].as_record())
                 for name in pool
             }
             embed_pool(tiles, builders, {name: run.features(name) for name in pool}, views, actors, config.store, overwrite, summary)
