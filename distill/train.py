@@ -143,7 +143,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     out_dir = run.student
     if settings.batch_size % world.size:
         raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
-    data = open_distill_data(run.root, settings)
+    data = open_distill_data(config.training_runs, settings)
     found = latest_checkpoint(out_dir / "checkpoints")
     if found and not resume:
         raise StoreError(f"{out_dir} holds checkpoints of an earlier run: resume it (--resume), or move {out_dir} away to start over")
@@ -254,6 +254,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "world_size": world.size,
         "data": data.describe(),
         "split": data.split.as_record(),
+        "composition": data.composition(),
         "rows": {"train": loader.rows_per_epoch, "val": int(data.rows_of(data.split.val).sum())},
         "steps": step,
         "resumed_from": first_step,
@@ -375,7 +376,10 @@ def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple
 
 def data_identity(data: DistillData) -> dict:
     """What a checkpoint must have been trained on to be resumed."""
-    return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s.name for s in data.split.val]}
+    return {
+        "tile_store_ids": [source.tile_attrs.store_id for source in data.sources], "recipes": data.recipes,
+        "val_slides": [[s.tile_store_id, s.record.id] for s in data.split.val],
+    }
 
 
 def settings_history(settings: DistillConfig, found: Path | None, checkpoint: dict | None, accept_changes: bool) -> list[dict]:
@@ -429,7 +433,7 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
         "target_mpp": data.tiling.target_mpp,
         "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},
         "views": data.views,
-        "tile_store_id": data.tile_store_id,
+        "composition": data.composition(),
         "split": data.split.as_record(),
         "final_val": final_val,
         "distill": settings.model_dump(mode="json"),
