@@ -53,13 +53,14 @@ SUMMARY = "summary.json"  # the finished run's summary, returned again when a fi
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
 SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the report
 # The distill settings a resumed run may change without being told to: how long it runs, how often it
-# validates and saves, and how many threads read ahead. None changes what a step computes, except that a
+# validates and saves, how many threads read ahead, and where its runs are (`runs`: the checkpoint's data
+# identity, every run's tile store id, must still match). None changes what a step computes, except that a
 # new `steps` re-times the cosine decay from the resumed step on. Any other change (lr, warmup, batch
 # size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
 # was trained differently from what the config now says: it is refused, naming each difference, unless
 # accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
-CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers"})
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers", "runs"})
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     else:
         standardizers = {
             t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize)
-            for t in data.targets
+            for t in data.recipes
         }
     model = Distiller(student, heads, standardizers, settings).to(world.device)
     optimizer = make_optimizer(model, settings)
@@ -431,7 +432,7 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
     return {
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
-        "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},
+        "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.recipes},
         "views": data.views,
         "composition": data.composition(),
         "split": data.split.as_record(),
