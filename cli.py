@@ -40,9 +40,6 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="ru
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="run directory (overrides 'run' in the config)")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-RunsOption = Annotated[Optional[list[Path]], typer.Option(
-    "--runs", help="a run whose tile and feature stores join the training set; repeat for several (overrides distill.runs; default: the run itself)",
-)]
 
 
 @app.command("demo-data")
@@ -111,7 +108,9 @@ def distill(
         help="--resume, accepting settings that differ from the checkpoint's (lr, batch size, ...; recorded in the settings history)",
     )] = False,
     steps: Annotated[Optional[int], typer.Option(help="training steps (overrides distill.steps)")] = None,
-    runs: RunsOption = None,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="a run whose tile and feature stores join the training set; repeat for several (overrides distill.runs; default: the run itself)",
+    )] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Tile + feature stores (of RUN, or of every --runs) -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
@@ -147,7 +146,9 @@ def evaluate(
     config: ConfigOption = None,
     out: OutOption = None,
     student: Annotated[Optional[Path], typer.Option(help="exported student directory (default: RUN/student)")] = None,
-    runs: RunsOption = None,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="a run the student was trained on, for its held-out fidelity; repeat for several (overrides distill.runs; default: the runs student.json records)",
+    )] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
