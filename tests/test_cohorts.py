@@ -19,6 +19,7 @@ from cli import app
 from distill.data import BlockShuffleLoader, open_distill_data, target_sample, validation_batches
 from distill.evaluate.fidelity import fidelity
 from distill.evaluate.report import held_out_text
+from distill.train import run_distill
 from distill_run import SLIDE_ROWS, STUDENT, config_for, make_run, write_config, write_synthetic_features
 from feature_run import settings as tile_settings
 from pipeline.config import Config, ConfigError, DistillConfig
@@ -178,3 +179,13 @@ def test_distill_over_two_runs_records_them_and_fidelity_is_measured_over_both(t
             assert measured["recomputed"][teacher][dim]["cos"] == pytest.approx(scores["cos"], abs=1e-4)
     only_a = fidelity([tiled_runs["a"]], student, None)
     assert "are not the runs the student was distilled from" in only_a["skipped"] and "--runs" in only_a["skipped"]
+
+
+def test_a_cohort_run_resumes_from_moved_runs_but_not_from_other_data(two_runs, tmp_path):
+    moved = [shutil.copytree(run, tmp_path / "moved" / run.name) for run, _ in two_runs]
+    short = dict(steps=2, batch_size=8, eval_every=2, checkpoint_every=2, loader_workers=0, precision="fp32")
+    run_distill(config_for(tmp_path / "out", runs=[str(run) for run, _ in two_runs], **short))
+    resumed = run_distill(config_for(tmp_path / "out", runs=[str(run) for run in moved], **{**short, "steps": 3}), resume=True)
+    assert resumed["steps"] == 3 and resumed["settings_history"][-1]["changed"]["runs"][1] == [str(run) for run in moved]
+    with pytest.raises(StoreError, match="was trained on other data"):
+        run_distill(config_for(tmp_path / "out", runs=[str(moved[0])], **{**short, "steps": 4}), resume=True)
