@@ -136,13 +136,15 @@ def tiled_runs(tmp_path_factory, slide_factory, he_pixels, local_ray):
 
 
 def test_copies_of_a_slide_file_tiled_in_two_runs_share_a_hash_and_a_side(tiled_runs):
-    for val_slides in (1, 2):
+    """Run a holds x and shared, run b shared and y: one held out is y (run b's last); two are y and
+    then run a's last group, shared, with its copy in run b."""
+    for val_slides, shared_side in ((1, "train"), (2, "val")):
         split = open_distill_data([tiled_runs["a"], tiled_runs["b"]], DistillConfig(**STUDENT, val_slides=val_slides)).split
-        copies = {side: [s for s in slides if s.record.name == "shared"] for side, slides in (("train", split.train), ("val", split.val))}
-        assert sorted(len(found) for found in copies.values()) == [0, 2]
-        [(side, (first, second))] = [(side, found) for side, found in copies.items() if found]
-        assert first.run != second.run and first.record.hash == second.record.hash is not None
+        sides = {"train": split.train, "val": split.val}
+        copies = [s for s in sides[shared_side] if s.record.name == "shared"]
+        assert sorted(s.run.name for s in copies) == ["a", "b"] and copies[0].record.hash == copies[1].record.hash is not None
         assert not {s.record.hash for s in split.train} & {s.record.hash for s in split.val}
+        assert [s.record.name for s in split.val][-1] == "y"
 
 
 def test_distill_over_two_runs_records_them_and_fidelity_is_measured_over_both(tiled_runs, tmp_path):
