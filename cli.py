@@ -67,7 +67,7 @@ def tiles(
     from pipeline.tiles.stage import print_summary, run_tiles
 
     settings = load_config(config, {
-        "run": out, "slides": [str(s) for s in slides] if slides else None, "ray.address": address,
+        "run": out, "slides": _paths(slides), "ray.address": address,
         "tiling.target_mpp": target_mpp, "tiling.tile_px": tile_px,
     })
     summary = run_tiles(settings, overwrite=overwrite)
@@ -108,13 +108,16 @@ def distill(
         help="--resume, accepting settings that differ from the checkpoint's (lr, batch size, ...; recorded in the settings history)",
     )] = False,
     steps: Annotated[Optional[int], typer.Option(help="training steps (overrides distill.steps)")] = None,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="a run whose tile and feature stores join the training set; repeat for several (overrides distill.runs; default: the run itself)",
+    )] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Tile + feature stores -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
+    """Tile + feature stores (of RUN, or of every --runs) -> RUN/student/ (nested-embedding student; runs under torchrun for several GPUs)."""
     from distill.train_log import print_summary
     from distill.train import run_distill
 
-    settings = load_config(config, {"run": out, "distill.steps": steps})
+    settings = load_config(config, {"run": out, "distill.steps": steps, "distill.runs": _paths(runs)})
     summary = run_distill(settings, resume=resume or resume_with_changes, accept_changes=resume_with_changes)
     if not summary:  # ranks other than 0 under torchrun
         return
@@ -143,12 +146,15 @@ def evaluate(
     config: ConfigOption = None,
     out: OutOption = None,
     student: Annotated[Optional[Path], typer.Option(help="exported student directory (default: RUN/student)")] = None,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="a run the student was trained on, for its held-out fidelity; repeat for several (overrides distill.runs; default: the runs student.json records)",
+    )] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Student (every nested dim) and teachers on labelled tiles -> RUN/evaluate/ (JSON, table, plots)."""
     from distill.evaluate.run import print_summary, run_evaluate
 
-    settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None})
+    settings = load_config(config, {"run": out, "evaluate.student": str(student) if student else None, "distill.runs": _paths(runs)})
     result = run_evaluate(settings)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -250,6 +256,11 @@ def submit_k8s(
         stage=stage, config=config, image=image, pvc=pvc, workers=workers, gpus_per_worker=gpus_per_worker,
     ))
     print(render_kubernetes(options) if dry_run else submit_kubernetes(options), end="")
+
+
+def _paths(paths: list[Path] | None) -> list[str] | None:
+    """Paths as a config override; none given leaves the config's value."""
+    return [str(path) for path in paths] if paths else None
 
 
 def _given(**values):

@@ -64,8 +64,8 @@ def hdf5_like_trident(tiles: zarr.Array, targets: list[zarr.Array], rows: int, f
 
 def measure(tiled: Config, work: Path, quick: bool, demo_teacher_rates: dict[str, float], real_teacher_rates: dict[str, float]) -> list[Row]:
     settings = tiled.distill
-    data = open_distill_data(tiled.run.resolve(), settings)
-    tiles, targets = data.tiles, list(data.targets.values())
+    data = open_distill_data(tiled.training_runs, settings)
+    tiles, targets = data.sources[0].tiles, list(data.sources[0].targets.values())
     n_rows = len(data.slide_of_row)
     samples = min(n_rows, 256 if quick else 2048)
     rng = np.random.default_rng(0)

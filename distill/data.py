@@ -1,4 +1,5 @@
-"""What the distiller reads: the tile store and the teachers' feature stores, checked, split and loaded.
+"""What the distiller reads: the tile store and the teachers' feature stores of one run or of several
+composed into one training set (distill/cohort.py), checked, split by slide and loaded.
 
 Two ways in, for two jobs:
 - lazy Dask arrays over the tiles and each teacher's recipe (Dask chunks = Zarr chunks), for
@@ -8,7 +9,8 @@ Two ways in, for two jobs:
   inside the pool (the annbatch / scDataset pattern).
 
 Rows of one slide are contiguous, so a chunk mostly holds rows of one slide; a pool of chunks drawn from
-random places of the store mixes slides in every batch.
+random places of the store mixes slides in every batch. Chunk ids are global: `DistillData.chunk_source`
+maps one to its run and the chunk's rows in that run's stores.
 
 Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
 refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an
@@ -19,79 +21,79 @@ checked whole at open; tiles and targets are checked unit by unit as the first e
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
-import zarr
 
+from distill.cohort import Slide, Source, cohort_slides, composition, global_rows, require_alike, require_distinct
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
+from pipeline.stores import FLAG_READ_FAILED, RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
 from pipeline.views import apply_view
 
 
 @dataclass(frozen=True)
 class Split:
     """Slides by role, split by content: slides of equal content hash are copies of one slide, so they
-    are always on the same side, and validation never holds a slide whose content is in training."""
+    are always on the same side, whichever runs they are in, and validation never holds a slide whose
+    content is in training."""
 
-    train: list[SlideRecord]
-    val: list[SlideRecord]
+    train: list[Slide]
+    val: list[Slide]
 
     RULE = (
         "slides with tiles grouped by content hash (slides without one: by path), in order of their first "
-        "slide; the last val_slides groups are held out for validation, every slide of a group on the same side"
+        "slide; val_slides groups are held out for validation, taken from the end of each run in turn (last run "
+        "first; a group belongs to the run of its first slide), every slide of a group on the same side"
     )
 
     @classmethod
-    def of(cls, slides: list[SlideRecord], val_slides: int) -> Split:
-        groups: dict[str, list[SlideRecord]] = {}
+    def of(cls, slides: list[Slide], val_slides: int) -> Split:
+        groups: dict[str, list[Slide]] = {}
         for slide in slides:
-            if slide.ok and slide.rows[1] > slide.rows[0]:
-                groups.setdefault(slide.hash or f"path:{slide.path}", []).append(slide)
+            record = slide.record
+            if record.ok and record.rows[1] > record.rows[0]:
+                groups.setdefault(record.hash or f"path:{record.path}", []).append(slide)
         if val_slides >= len(groups):
             raise ConfigError(
-                f"distill.val_slides = {val_slides}, but the tile store has {len(groups)} distinct slides with tiles; "
+                f"distill.val_slides = {val_slides}, but the training set has {len(groups)} distinct slides with tiles; "
                 "leave at least one for training"
             )
         ordered = list(groups.values())
-        held_out = len(ordered) - val_slides
-        return cls(train=[s for group in ordered[:held_out] for s in group], val=[s for group in ordered[held_out:] for s in group])
+        of_run: dict[Path, list[int]] = {}
+        for index, group in enumerate(ordered):
+            of_run.setdefault(group[0].run, []).append(index)
+        queues, held_out = list(reversed(of_run.values())), set()
+        while len(held_out) < val_slides:
+            for queue in queues:
+                if queue and len(held_out) < val_slides:
+                    held_out.add(queue.pop())
+        return cls(
+            train=[s for index, group in enumerate(ordered) if index not in held_out for s in group],
+            val=[s for index, group in enumerate(ordered) if index in held_out for s in group],
+        )
 
     def as_record(self) -> dict:
-        def describe(slides: list[SlideRecord]) -> list[dict]:
-            return [{"id": s.id, "name": s.name, "rows": s.rows} for s in slides]
-
-        return {"rule": self.RULE, "train": describe(self.train), "val": describe(self.val)}
+        return {"rule": self.RULE, "train": [s.as_record() for s in self.train], "val": [s.as_record() for s in self.val]}
 
 
 @dataclass
 class DistillData:
-    """The opened, checked stores: one recipe array [N, V, D] per teacher, aligned with the tiles."""
+    """The opened, checked stores of one or more runs (distill/cohort.py): per run the tiles and one
+    recipe array [n, V, D] per teacher, aligned, in one global row index."""
 
-    tile_path: Path
-    tile_reader: UnitReader  # of uint8 [N, S, S, 3]
-    target_readers: dict[str, UnitReader]  # teacher -> its recipe's float16 [N, V, D]
+    sources: list[Source]  # in the order given, each starting on a chunk boundary
     recipes: dict[str, str]
     teacher_specs: dict[str, dict]
     views: list[dict]
     tiling: Tiling
-    tile_store_id: str
-    slide_of_row: np.ndarray  # int32 [N]
-    read_failed: np.ndarray  # bool [N]
+    slide_of_row: np.ndarray  # int32 [N]: global slide keys; -1 on the padding between runs
+    read_failed: np.ndarray  # bool [N]; True on the padding
     split: Split
-
-    @property
-    def tiles(self) -> zarr.Array:
-        return self.tile_reader.array
-
-    @property
-    def targets(self) -> dict[str, zarr.Array]:
-        return {teacher: reader.array for teacher, reader in self.target_readers.items()}
 
     @property
     def tile_px(self) -> int:
@@ -99,49 +101,79 @@ class DistillData:
 
     @property
     def chunk_rows(self) -> int:
-        return self.tiles.chunks[0]
+        return self.sources[0].chunk_rows
 
     @property
     def widths(self) -> dict[str, int]:
-        return {teacher: array.shape[2] for teacher, array in self.targets.items()}
+        return {teacher: array.shape[2] for teacher, array in self.sources[0].targets.items()}
 
-    def rows_of(self, slides: list[SlideRecord]) -> np.ndarray:
+    def rows_of(self, slides: list[Slide]) -> np.ndarray:
         """Mask [N] of the rows of these slides that were read (read-failed tiles are blank)."""
-        return np.isin(self.slide_of_row, [s.id for s in slides]) & ~self.read_failed
+        return np.isin(self.slide_of_row, [s.key for s in slides]) & ~self.read_failed
 
-    def lazy_tiles(self) -> da.Array:
-        return _lazy(self.tiles)
+    def chunk_source(self, chunk: int) -> tuple[Source, int, int]:
+        """The run holding global chunk `chunk`, and the chunk's rows [start, end) in that run's stores."""
+        start = chunk * self.chunk_rows
+        source = self.sources[bisect_right([s.offset for s in self.sources], start) - 1]
+        local = start - source.offset
+        return source, local, min(local + self.chunk_rows, source.n_rows)
 
-    def lazy_targets(self) -> dict[str, da.Array]:
-        return {teacher: _lazy(array) for teacher, array in self.targets.items()}
+    def composition(self) -> list[dict]:
+        """Per run: path, tile and feature store ids, the slides and readable rows used on each side."""
+        kept = {"train": self.rows_of(self.split.train), "val": self.rows_of(self.split.val)}
+        return composition(self.sources, self.split.train, self.split.val, kept)
 
     def describe(self) -> list[str]:
-        arrays = {"tiles": self.lazy_tiles(), **{f"{t} ({self.recipes[t]})": a for t, a in self.lazy_targets().items()}}
-        return [
-            f"{name}: {a.dtype} {list(a.shape)}, {a.numblocks[0]} chunks of {a.chunksize[0]} rows, {a.nbytes / 1e9:.2f} GB"
-            for name, a in arrays.items()
-        ]
+        lines = []
+        for source in self.sources:
+            arrays = {"tiles": source.lazy_tiles(), **{f"{t} ({self.recipes[t]})": a for t, a in source.lazy_targets().items()}}
+            lines += [
+                f"{source.run.name + ': ' if len(self.sources) > 1 else ''}{name}: {a.dtype} {list(a.shape)}, "
+                f"{a.numblocks[0]} chunks of {a.chunksize[0]} rows, {a.nbytes / 1e9:.2f} GB"
+                for name, a in arrays.items()
+            ]
+        return lines
 
 
-def _lazy(array: zarr.Array) -> da.Array:
-    # chunks explicit: the default for sharded arrays is one task per tiny inner chunk or per huge shard
-    # depending on the Dask version (dask/dask#12586)
-    return da.from_zarr(array, chunks=array.chunks)
+def open_distill_data(runs: Sequence[Path], settings: DistillConfig) -> DistillData:
+    """The training set made of these runs' tile stores and the selected teachers' feature stores, checked
+    alike and split by slide across them, or a StoreError saying what to fix."""
+    runs = require_distinct(list(runs))
+    teachers = settings.teachers or RunDir(runs[0]).teachers_with_features()
+    if not teachers:
+        raise StoreError(f"no feature stores in {RunDir(runs[0]).features_dir}; run `features` first")
+    for key, named in (("recipes", settings.recipes), ("teacher_weights", settings.teacher_weights)):
+        if set(named) - set(teachers):
+            raise ConfigError(f"distill.{key} names {sorted(set(named) - set(teachers))}, not among the distilled teachers {teachers}")
+    sources, slide_of_row, read_failed = [], [], []
+    offset, slide_base = 0, 0
+    for run in runs:
+        source, slides, failed = _open_run(run, settings, teachers, offset, slide_base)
+        sources.append(source)
+        slide_of_row.append((slides + slide_base).astype(np.int32))
+        read_failed.append(failed)
+        offset, slide_base = offset + source.padded_rows, source.slide_keys_end
+    require_alike(sources)
+    first = sources[0]
+    return DistillData(
+        sources=sources,
+        recipes=first.recipes,
+        teacher_specs={teacher: attrs.teacher for teacher, attrs in first.feature_attrs.items()},
+        views=first.feature_attrs[teachers[0]].views,
+        tiling=first.tile_attrs.tiling,
+        slide_of_row=global_rows(sources, slide_of_row, -1),
+        read_failed=global_rows(sources, read_failed, True),
+        split=Split.of(cohort_slides(sources), settings.val_slides),
+    )
 
 
-def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
-    """The run's tile store and the selected teachers' feature stores, or a StoreError saying what to fix."""
+def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offset: int, slide_base: int) -> tuple[Source, np.ndarray, np.ndarray]:
+    """One run's checked stores, and its rows' slide ids and read-failed flags."""
     run = RunDir(run_dir)
     tiles = open_tile_store(run.tiles)
     tiles.require_finished("tiles")
     chunk_rows = tiles["tiles"].chunks[0]
-    teachers = settings.teachers or run.teachers_with_features()
-    if not teachers:
-        raise StoreError(f"no feature stores in {run.features_dir}; run `features` first")
-    for key, named in (("recipes", settings.recipes), ("teacher_weights", settings.teacher_weights)):
-        if set(named) - set(teachers):
-            raise ConfigError(f"distill.{key} names {sorted(set(named) - set(teachers))}, not among the distilled teachers {teachers}")
-    readers, recipes, specs, views_of = {}, {}, {}, {}
+    readers, recipes, attrs = {}, {}, {}
     for teacher in teachers:
         path = run.features(teacher)
         if not path.exists():
@@ -159,51 +191,50 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
         store.require_finished("features")
         if reader.array.chunks[0] != chunk_rows:
             raise StoreError(f"{path} has chunks of {reader.array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
-        readers[teacher], recipes[teacher], specs[teacher], views_of[teacher] = reader, recipe, store.attrs.teacher, store.attrs.views
+        readers[teacher], recipes[teacher], attrs[teacher] = reader, recipe, store.attrs
     first = teachers[0]
     for teacher in teachers[1:]:
-        if views_of[teacher] != views_of[first]:
+        if attrs[teacher].views != attrs[first].views:
             raise StoreError(
-                f"teachers {first!r} and {teacher!r} were computed on different views ({views_of[first]} vs "
-                f"{views_of[teacher]}); a student sample shows one view to every teacher: rerun features with the same views"
+                f"teachers {first!r} and {teacher!r} were computed on different views ({attrs[first].views} vs "
+                f"{attrs[teacher].views}); a student sample shows one view to every teacher: rerun features with the same views"
             )
-    split = Split.of(tiles.attrs.slides, settings.val_slides)
     n_rows = tiles.attrs.n_rows
-    return DistillData(
-        tile_path=run.tiles,
-        tile_reader=UnitReader(tiles, "tiles", "tiles"),
-        target_readers=readers,
-        recipes=recipes,
-        teacher_specs=specs,
-        views=views_of[first],
-        tiling=tiles.attrs.tiling,
-        tile_store_id=tiles.attrs.store_id,
-        slide_of_row=UnitReader(tiles, "slide", "tiles").read(0, n_rows),
-        read_failed=(UnitReader(tiles, "flags", "tiles").read(0, n_rows) & FLAG_READ_FAILED).astype(bool),
-        split=split,
+    source = Source(
+        run=run.root, tile_reader=UnitReader(tiles, "tiles", "tiles"), target_readers=readers, tile_attrs=tiles.attrs,
+        feature_attrs=attrs, recipes=recipes, offset=offset, slide_base=slide_base,
     )
+    slides = UnitReader(tiles, "slide", "tiles").read(0, n_rows)
+    read_failed = (UnitReader(tiles, "flags", "tiles").read(0, n_rows) & FLAG_READ_FAILED).astype(bool)
+    return source, slides, read_failed
 
 
 def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.ndarray:
     """Targets [rows * V, D] (float32) of up to `size` training rows drawn with `seed`, read through Dask."""
     train_rows = np.flatnonzero(data.rows_of(data.split.train))
     rows = np.sort(np.random.default_rng(seed).choice(train_rows, size=min(size, len(train_rows)), replace=False))
-    reader = data.target_readers[teacher]
-    reader.require_rows(rows)
-    with reader.reading(int(rows[0]), int(rows[-1]) + 1):
-        values = data.lazy_targets()[teacher][rows].compute()
-    check_finite(values, teacher, data, rows)
+    parts = []
+    for source in data.sources:
+        local = rows[(rows >= source.offset) & (rows < source.offset + source.n_rows)] - source.offset
+        if not len(local):
+            continue
+        reader = source.target_readers[teacher]
+        reader.require_rows(local)
+        with reader.reading(int(local[0]), int(local[-1]) + 1):
+            values = source.lazy_targets()[teacher][local].compute()
+        check_finite(values, teacher, source, local)
+        parts.append(values)
+    values = np.concatenate(parts)
     return values.reshape(-1, values.shape[-1]).astype(np.float32)
 
 
-def check_finite(values: np.ndarray, teacher: str, data: DistillData, rows: np.ndarray) -> None:
-    """Targets [n, ...] of `rows` must be finite: a NaN would poison every weight in one step."""
+def check_finite(values: np.ndarray, teacher: str, source: Source, rows: np.ndarray) -> None:
+    """Targets [n, ...] of `rows` (of the run's own stores) must be finite: a NaN would poison every weight in one step."""
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
-        path = RunDir(data.tile_path.parent).features(teacher)
         raise StoreError(
-            f"teacher {teacher!r} (recipe {data.recipes[teacher]!r}) has NaN/Inf targets in rows "
-            f"{rows[bad][:20].tolist()}{' ...' if bad.sum() > 20 else ''}: run `inspect-store --verify {path}` "
+            f"teacher {teacher!r} (recipe {source.recipes[teacher]!r}) has NaN/Inf targets in rows "
+            f"{rows[bad][:20].tolist()}{' ...' if bad.sum() > 20 else ''}: run `inspect-store --verify {source.feature_path(teacher)}` "
             "and rerun features for this teacher"
         )
 
@@ -242,16 +273,15 @@ class Rows:
 def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: np.random.Generator | None) -> Rows:
     """The `keep` rows of whole chunks, in chunk order, each shown with a view: drawn from `rng`, or the
     first view when `rng` is None. With an rng the rows are also shuffled (by the same rng)."""
-    row_parts, tile_parts, target_parts = [], [], {teacher: [] for teacher in data.targets}
+    row_parts, tile_parts, target_parts = [], [], {teacher: [] for teacher in data.recipes}
     for chunk in chunks:
-        start = chunk * data.chunk_rows
-        end = min(start + data.chunk_rows, len(keep))
-        kept = np.flatnonzero(keep[start:end])
-        row_parts.append(start + kept)
-        tile_parts.append(data.tile_reader.read(start, end)[kept])
-        for teacher, reader in data.target_readers.items():
+        source, start, end = data.chunk_source(chunk)
+        kept = np.flatnonzero(keep[source.offset + start : source.offset + end])
+        row_parts.append(source.offset + start + kept)
+        tile_parts.append(source.tile_reader.read(start, end)[kept])
+        for teacher, reader in source.target_readers.items():
             values = reader.read(start, end)[kept]
-            check_finite(values, teacher, data, start + kept)
+            check_finite(values, teacher, source, start + kept)
             target_parts[teacher].append(values)
     rows, stored = np.concatenate(row_parts), np.concatenate(tile_parts)
     targets = {teacher: np.concatenate(parts) for teacher, parts in target_parts.items()}
@@ -303,7 +333,7 @@ class BlockShuffleLoader:
         self.chunks = np.flatnonzero(self.rows_in_chunk)
         self.rows_per_epoch = int(self.rows_in_chunk.sum())
         if not self.rows_per_epoch:
-            raise StoreError(f"{data.tile_path} has no readable rows in the training slides; nothing to train on")
+            raise StoreError(f"{', '.join(str(s.run) for s in data.sources)}: no readable rows in the training slides; nothing to train on")
         state = state or {"epoch": 0, "position": 0}
         self.cursor = state["epoch"] * self.rows_per_epoch + state["position"]  # rows yielded since the start
 

@@ -7,9 +7,11 @@ RUN/student/
                        exactly the training input (input_size, crop_pct 1.0, mean, std), so that
                          timm.create_model("local-dir:RUN/student", pretrained=True)
                        and timm.data.resolve_model_data_config give the student as it was trained;
-                       its "pathdistill" entry records the nested dims, width and target mpp
+                       its "pathdistill" entry records the nested dims, width, target mpp and
+                       the composition of the training set (each run's path, stores, slides, rows)
   student.json         pathdistill.student/1: arch, timm_kwargs, width D, nested_dims M, input px,
-                       target mpp, input mean/std, teachers (target width, standardizer kind), heads
+                       target mpp, input mean/std, teachers (target width, standardizer kind), heads,
+                       and from training the split and composition (distill/cohort.py)
   heads.safetensors    heads and standardizers: to continue training, or to emulate the teachers
                        (``load_emulator(path).emulate(x, teacher, dim)``) from the student alone
 """
@@ -39,6 +41,7 @@ TIMM_WEIGHTS = "model.safetensors"  # the file names timm's local-dir: and the H
 TIMM_CONFIG = "config.json"
 TIMM_INTERPOLATION = "bicubic"  # only for inputs larger than the student's: tiles at its mpp and px are not resampled
 REQUIRED_META = ("input_px", "target_mpp")
+TIMM_RECORD_KEYS = ("width", "nested_dims", "input_px", "target_mpp", "composition")  # student.json keys repeated in config.json
 
 
 class StudentError(PathdistillError, ValueError):
@@ -174,7 +177,8 @@ def _save_timm_config(student: Student, record: Mapping[str, Any], path: Path) -
             "std": list(student.std),
             "num_classes": 0,
         },
-        "pathdistill": {"schema": SCHEMA, **{key: record[key] for key in ("width", "nested_dims", "input_px", "target_mpp")}},
+        # composition: the runs a distilled student was trained on (absent for a student exported by other code)
+        "pathdistill": {"schema": SCHEMA, **{key: record[key] for key in TIMM_RECORD_KEYS if key in record}},
     }
     write_text_atomically(path, json.dumps(config, indent=2) + "\n")
 

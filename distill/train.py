@@ -53,13 +53,14 @@ SUMMARY = "summary.json"  # the finished run's summary, returned again when a fi
 SPEED_SAMPLES = 512  # samples the loader is timed on, alone, for the report
 SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the report
 # The distill settings a resumed run may change without being told to: how long it runs, how often it
-# validates and saves, and how many threads read ahead. None changes what a step computes, except that a
+# validates and saves, how many threads read ahead, and where its runs are (`runs`: the checkpoint's data
+# identity, every run's tile store id, must still match). None changes what a step computes, except that a
 # new `steps` re-times the cosine decay from the resumed step on. Any other change (lr, warmup, batch
 # size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
 # was trained differently from what the config now says: it is refused, naming each difference, unless
 # accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
-CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers"})
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers", "runs"})
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     out_dir = run.student
     if settings.batch_size % world.size:
         raise ConfigError(f"distill.batch_size {settings.batch_size} must be a multiple of the {world.size} processes")
-    data = open_distill_data(run.root, settings)
+    data = open_distill_data(config.training_runs, settings)
     found = latest_checkpoint(out_dir / "checkpoints")
     if found and not resume:
         raise StoreError(f"{out_dir} holds checkpoints of an earlier run: resume it (--resume), or move {out_dir} away to start over")
@@ -167,7 +168,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     else:
         standardizers = {
             t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize)
-            for t in data.targets
+            for t in data.recipes
         }
     model = Distiller(student, heads, standardizers, settings).to(world.device)
     optimizer = make_optimizer(model, settings)
@@ -254,6 +255,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "world_size": world.size,
         "data": data.describe(),
         "split": data.split.as_record(),
+        "composition": data.composition(),
         "rows": {"train": loader.rows_per_epoch, "val": int(data.rows_of(data.split.val).sum())},
         "steps": step,
         "resumed_from": first_step,
@@ -375,7 +377,10 @@ def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple
 
 def data_identity(data: DistillData) -> dict:
     """What a checkpoint must have been trained on to be resumed."""
-    return {"tile_store_id": data.tile_store_id, "recipes": data.recipes, "val_slides": [s.name for s in data.split.val]}
+    return {
+        "tile_store_ids": [source.tile_attrs.store_id for source in data.sources], "recipes": data.recipes,
+        "val_slides": [[s.tile_store_id, s.record.id] for s in data.split.val],
+    }
 
 
 def settings_history(settings: DistillConfig, found: Path | None, checkpoint: dict | None, accept_changes: bool) -> list[dict]:
@@ -427,9 +432,9 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
     return {
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
-        "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.targets},
+        "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.recipes},
         "views": data.views,
-        "tile_store_id": data.tile_store_id,
+        "composition": data.composition(),
         "split": data.split.as_record(),
         "final_val": final_val,
         "distill": settings.model_dump(mode="json"),

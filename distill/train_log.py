@@ -93,6 +93,11 @@ def write_report(path: Path, summary: dict) -> None:
         "",
         "## Data",
         "",
+        *(
+            f"- run {part['run']} (tile store {part['tile_store_id']}): {part['rows']['train']} train rows of "
+            f"{len(part['slides']['train'])} slides, {part['rows']['val']} validation rows of {len(part['slides']['val'])} slides"
+            for part in summary["composition"]
+        ),
         *(f"- {line}" for line in summary["data"]),
         f"- train: {summary['rows']['train']} rows of {', '.join(s['name'] for s in summary['split']['train'])}",
         f"- validation: {summary['rows']['val']} rows of {', '.join(s['name'] for s in summary['split']['val']) or 'no slide'}",

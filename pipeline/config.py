@@ -93,6 +93,7 @@ class DistillConfig(Strict):
     student: str = Field("vit_tiny_patch16_224", description="timm architecture of the student")
     student_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm create_model kwargs")
     init: str = Field("random:0", description="random:SEED, hf-hub:org/name, or a checkpoint file")
+    runs: list[Path] = Field(default_factory=list, description="run directories whose tile and feature stores are composed into one training set, split by slide across all of them (none: the run itself); the student is written to RUN/student")
     teachers: list[str] | None = Field(None, description="teachers to distil (default: every store in RUN/features)")
     recipes: dict[str, str] = Field(default_factory=dict, description="teacher -> recipe (default: the first recipe)")
     nested_dims: list[int] | None = Field(None, description="default: powers of two from 16 to D, plus D")
@@ -161,6 +162,11 @@ class Config(Strict):
     features: FeaturesConfig = FeaturesConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def training_runs(self) -> list[Path]:
+        """The runs distill trains on: distill.runs, or the run itself."""
+        return list(self.distill.runs) or [self.run]
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

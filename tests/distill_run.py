@@ -59,20 +59,21 @@ def synthetic_tile_attrs(n_rows: int, tile_px: int, slides: list[SlideRecord], c
 
 def make_run(
     run_dir: Path, he_pixels: np.ndarray, tile_px: int = 64, context_px: int = 0, views: list[str] | None = None,
-    teachers: dict[str, int] = TEACHERS,
+    teachers: dict[str, int] = TEACHERS, slide_rows: tuple[int, ...] = SLIDE_ROWS,
 ) -> dict:
-    """Write RUN/tiles.zarr and RUN/features/<teacher>.zarr (recipes `cls` and `mean`); return what tests check against."""
-    n_rows, stored_px = sum(SLIDE_ROWS), tile_px + 2 * context_px
+    """Write RUN/tiles.zarr and RUN/features/<teacher>.zarr (recipes `cls` and `mean`); return what tests check against.
+    Slide paths are under the run's name, so slides of two runs are different slides unless a test says otherwise."""
+    n_rows, stored_px = sum(slide_rows), tile_px + 2 * context_px
     store = StoreConfig(chunk_rows=CHUNK_ROWS, shard_rows=SHARD_ROWS)
     tiles = tissue_tiles(he_pixels, n_rows, stored_px)
     flags = np.zeros(n_rows, np.uint8)
     flags[list(READ_FAILED_ROWS)] = FLAG_READ_FAILED
     flags[list(PADDED_ROWS)] = FLAG_PADDED
     tiles[list(READ_FAILED_ROWS)] = 0
-    starts = np.cumsum((0, *SLIDE_ROWS))
-    slides = [synthetic_slide(i, f"slide-{i}", (s, e)) for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))]
-    slides.insert(2, synthetic_slide(9, "unreadable", (starts[2], starts[2]), status="failed"))
-    slide_of_row = np.repeat(np.arange(len(SLIDE_ROWS), dtype=np.int32), SLIDE_ROWS)
+    starts = np.cumsum((0, *slide_rows))
+    slides = [synthetic_slide(i, f"slide-{i}", (s, e), path=f"{run_dir.name}/slide-{i}") for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))]
+    slides.insert(2, synthetic_slide(9, "unreadable", (starts[2], starts[2]), status="failed", path=f"{run_dir.name}/unreadable"))
+    slide_of_row = np.repeat(np.arange(len(slide_rows), dtype=np.int32), slide_rows)
     tile_attrs = synthetic_tile_attrs(n_rows, tile_px, slides, context_px, store)
     tile_path = run_dir / "tiles.zarr"
     create_tile_store(tile_path, tile_attrs, store)
@@ -82,21 +83,32 @@ def make_run(
     })
     mark_all(tile_path, tile_attrs.store_id, n_rows)
     view_records = expand_views(views or ["identity"], context_px, tile_px)
-    targets = {}
-    for seed, (teacher, width) in enumerate(teachers.items()):
-        per_view = [synthetic_teacher(np.ascontiguousarray(apply_view(tiles, view, tile_px)), seed, width) for view in view_records]
-        targets[teacher] = np.stack(per_view, axis=1).astype(np.float16)
-        spec = {"name": teacher, "input_px": tile_px, "mean": [0.5] * 3, "std": [0.5] * 3, "target_mpp": 0.5, "stand_in": True}
-        path = run_dir / "features" / f"{teacher}.zarr"
-        attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, view_records)
-        create_feature_store(path, attrs, CHUNK_ROWS, SHARD_ROWS, store)
-        write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(view_records), 8), np.float16)})
-        mark_all(path, attrs.store_id, n_rows)
+    targets = write_synthetic_features(run_dir, tiles, tile_attrs, view_records, teachers)
     return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}
 
 
-def mark_all(path: Path, store_id: str, n_rows: int) -> None:
-    for unit, (start, end) in enumerate(unit_ranges(n_rows, SHARD_ROWS)):
+def write_synthetic_features(
+    run_dir: Path, tiles: np.ndarray, tile_attrs: TileStoreAttrs, views: list[dict], teachers: dict[str, int] = TEACHERS,
+) -> dict[str, np.ndarray]:
+    """RUN/features/<teacher>.zarr of the synthetic teachers for these (stored) tiles, in the tile store's
+    chunks and shards; returns each teacher's `cls` targets [n, V, width]."""
+    tile_px, n_rows = tile_attrs.tiling.tile_px, tile_attrs.n_rows
+    store = StoreConfig(**tile_attrs.tiling.store)
+    targets = {}
+    for seed, (teacher, width) in enumerate(teachers.items()):
+        per_view = [synthetic_teacher(np.ascontiguousarray(apply_view(tiles, view, tile_px)), seed, width) for view in views]
+        targets[teacher] = np.stack(per_view, axis=1).astype(np.float16)
+        spec = {"name": teacher, "input_px": tile_px, "mean": [0.5] * 3, "std": [0.5] * 3, "target_mpp": 0.5, "stand_in": True}
+        path = run_dir / "features" / f"{teacher}.zarr"
+        attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, views)
+        create_feature_store(path, attrs, store.chunk_rows, store.shard_rows, store)
+        write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(views), 8), np.float16)})
+        mark_all(path, attrs.store_id, n_rows, store.shard_rows)
+    return targets
+
+
+def mark_all(path: Path, store_id: str, n_rows: int, shard_rows: int = SHARD_ROWS) -> None:
+    for unit, (start, end) in enumerate(unit_ranges(n_rows, shard_rows)):
         UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end})
 
 

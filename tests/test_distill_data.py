@@ -25,7 +25,7 @@ def run(tmp_path_factory, he_pixels):
 
 @pytest.fixture(scope="module")
 def data(run) -> DistillData:
-    return open_distill_data(run[0], DistillConfig(**STUDENT))
+    return open_distill_data([run[0]], DistillConfig(**STUDENT))
 
 
 def loader(data: DistillData, workers: int = 2, state: dict | None = None, batch_size: int = 16) -> BlockShuffleLoader:
@@ -44,13 +44,14 @@ def stream(batches, rows: int) -> np.ndarray:
 
 
 def test_split_holds_out_the_last_slides_and_skips_failed_ones(data):
-    assert [s.name for s in data.split.train] == ["slide-0", "slide-1", "slide-2"]
-    assert [s.name for s in data.split.val] == ["slide-3"]
-    assert data.split.as_record()["val"] == [{"id": 3, "name": "slide-3", "rows": [300, 384]}]
+    assert [s.record.name for s in data.split.train] == ["slide-0", "slide-1", "slide-2"]
+    assert [s.record.name for s in data.split.val] == ["slide-3"]
+    assert data.split.as_record()["val"] == [{"run": str(data.sources[0].run), "id": 3, "name": "slide-3", "rows": [300, 384]}]
     assert data.recipes == {"alpha": "cls", "beta": "cls"} and data.widths == {"alpha": 40, "beta": 24}
-    lazy = data.lazy_targets()["alpha"]
+    [source] = data.sources
+    lazy = source.lazy_targets()["alpha"]
     assert lazy.chunksize == (8, 1, 40) and lazy.shape == (384, 1, 40)
-    assert data.lazy_tiles().chunksize == (8, 64, 64, 3)
+    assert source.lazy_tiles().chunksize == (8, 64, 64, 3)
 
 
 def test_the_split_keeps_slides_of_equal_content_on_one_side(tmp_path, he_pixels):
@@ -60,13 +61,13 @@ def test_the_split_keeps_slides_of_equal_content_on_one_side(tmp_path, he_pixels
     hashes = {"slide-0": "sha256:aa", "slide-1": "sha256:bb", "slide-2": "sha256:cc", "slide-3": "sha256:aa"}
     group.attrs["slides"] = [{**s, "hash": hashes.get(s["name"])} for s in group.attrs["slides"]]
     for val_slides in (1, 2):
-        split = open_distill_data(tmp_path, DistillConfig(**STUDENT, val_slides=val_slides)).split
-        train, val = {s.hash for s in split.train}, {s.hash for s in split.val}
+        split = open_distill_data([tmp_path], DistillConfig(**STUDENT, val_slides=val_slides)).split
+        train, val = {s.record.hash for s in split.train}, {s.record.hash for s in split.val}
         assert not train & val and len(split.train) + len(split.val) == 4
-    assert [s.name for s in split.val] == ["slide-1", "slide-2"]
+    assert [s.record.name for s in split.val] == ["slide-1", "slide-2"]
     assert "content hash" in split.as_record()["rule"]
     with pytest.raises(ConfigError, match="3 distinct slides with tiles; leave at least one for training"):
-        open_distill_data(tmp_path, DistillConfig(**STUDENT, val_slides=3))
+        open_distill_data([tmp_path], DistillConfig(**STUDENT, val_slides=3))
 
 
 def test_an_epoch_visits_every_training_row_once_and_never_a_validation_or_blank_one(data):
@@ -112,7 +113,7 @@ def test_a_loader_built_from_a_saved_state_yields_the_same_next_batches(data):
 
 def test_each_sample_shows_the_view_its_targets_were_computed_on(tmp_path, he_pixels):
     written = make_run(tmp_path, he_pixels, context_px=8, views=["dihedral", "crop:-8,8"])
-    data = open_distill_data(tmp_path, DistillConfig(**STUDENT))
+    data = open_distill_data([tmp_path], DistillConfig(**STUDENT))
     assert len(data.views) == 9
     batches = list(islice(loader(data), 12))
     views = np.concatenate([b.views for b in batches])
@@ -155,26 +156,26 @@ def swap_feature_store(run_dir, teacher, other_run):
 def test_refusals_name_the_input_and_the_fix(run, tmp_path, he_pixels):
     run_dir, _ = run
     with pytest.raises(StoreError, match=r"no feature store for teacher 'gamma'.*holds \['alpha', 'beta'\]"):
-        open_distill_data(run_dir, DistillConfig(teachers=["alpha", "gamma"]))
+        open_distill_data([run_dir], DistillConfig(teachers=["alpha", "gamma"]))
     with pytest.raises(StoreError, match=r"has no recipe 'pooled'; it holds \['cls', 'mean'\]: fix distill.recipes.beta"):
-        open_distill_data(run_dir, DistillConfig(recipes={"beta": "pooled"}))
-    assert open_distill_data(run_dir, DistillConfig(recipes={"beta": "mean"})).widths == {"alpha": 40, "beta": 8}
+        open_distill_data([run_dir], DistillConfig(recipes={"beta": "pooled"}))
+    assert open_distill_data([run_dir], DistillConfig(recipes={"beta": "mean"})).widths == {"alpha": 40, "beta": 8}
     with pytest.raises(ConfigError, match=r"distill.teacher_weights names \['gamma'\], not among the distilled teachers"):
-        open_distill_data(run_dir, DistillConfig(teacher_weights={"gamma": 2.0}))
+        open_distill_data([run_dir], DistillConfig(teacher_weights={"gamma": 2.0}))
     with pytest.raises(ConfigError, match="leave at least one for training"):
-        open_distill_data(run_dir, DistillConfig(val_slides=4))
+        open_distill_data([run_dir], DistillConfig(val_slides=4))
 
     other = tmp_path / "other"
     make_run(other, he_pixels)
     mixed = copy_run(run_dir, tmp_path / "mixed")
     swap_feature_store(mixed, "beta", other)
     with pytest.raises(StoreError, match="was computed from tile store .* not from this one .* rerun features"):
-        open_distill_data(mixed, DistillConfig())
+        open_distill_data([mixed], DistillConfig())
 
     unfinished = copy_run(run_dir, tmp_path / "unfinished")
     next((unfinished / "features" / "alpha.zarr.progress").glob("unit-*.json")).unlink()
     with pytest.raises(StoreError, match=r"alpha.zarr is unfinished \(1 of 12 units missing\); rerun `features`"):
-        open_distill_data(unfinished, DistillConfig())
+        open_distill_data([unfinished], DistillConfig())
 
     with pytest.raises(ConfigError, match=r"nested dims \[16, 4096\] must be increasing and within 1..D=192"):
         build_student(DistillConfig(**STUDENT, nested_dims=[16, 4096]), 64)
@@ -190,7 +191,7 @@ def test_non_finite_targets_are_refused_naming_teacher_and_rows(run, tmp_path):
     values[[40, 41], 0, 3] = np.nan
     values[250, 0, 0] = np.inf
     write_rows(broken / "features" / "beta.zarr", 0, {"cls": values})
-    data = open_distill_data(broken, DistillConfig())
+    data = open_distill_data([broken], DistillConfig())
     with pytest.raises(StoreError, match=r"teacher 'beta' \(recipe 'cls'\) has NaN/Inf targets in rows \[40, 41, 250\].*inspect-store --verify"):
         target_sample(data, "beta", 10_000, seed=0)
     with pytest.raises(StoreError, match=r"teacher 'beta' \(recipe 'cls'\) has NaN/Inf targets in rows \[(40, 41|250)\]"):
@@ -207,4 +208,4 @@ def test_feature_stores_on_different_views_are_refused(tmp_path, he_pixels):
     group = zarr.open_group(str(identity / "features" / "beta.zarr"), mode="r+")
     group.attrs["tile_store_id"] = zarr.open_group(str(identity / "tiles.zarr"), mode="r").attrs["store_id"]
     with pytest.raises(StoreError, match=r"teachers 'alpha' and 'beta' were computed on different views"):
-        open_distill_data(identity, DistillConfig())
+        open_distill_data([identity], DistillConfig())

@@ -352,13 +352,13 @@ def test_fidelity_is_re_measured_on_the_run_s_held_out_slides(tmp_path, he_pixel
     run_record = {
         "distill": {"val_slides": 1, "val_rows": None, "precision": "fp32", "student": "vit_tiny_patch16_224"},
         "distilled_from": {t: {"recipe": "cls"} for t in widths},
-        "split": {"val": [{"id": 3, "name": "slide-3"}]},
-        "tile_store_id": tiles.attrs["store_id"],
+        "split": {"val": [{"run": str(tmp_path), "id": 3, "name": "slide-3", "rows": [300, 384]}]},
+        "composition": [{"run": str(tmp_path), "tile_store_id": tiles.attrs["store_id"], "slides": {"val": [{"id": 3, "name": "slide-3"}]}}],
         "final_val": {"alpha": {"16": {"cos": 0.5, "r2": 0.1}}},
     }
     export_student(student, tmp_path / "student", {**META, "input_px": 64, **run_record}, standardizers, heads)
-    found = fidelity(tmp_path, tmp_path / "student", None)
-    assert found["held_out_slides"] == ["slide-3"] and found["rows"] == 83  # 84 rows, one unreadable
+    found = fidelity(None, tmp_path / "student", None)  # on the runs the student records
+    assert [s["name"] for s in found["held_out_slides"]] == ["slide-3"] and found["rows"] == 83  # 84 rows, one unreadable
     assert found["run"] == run_record["final_val"]
     assert set(found["recomputed"]) == {"alpha", "beta"} and set(found["recomputed"]["alpha"]) == {"16", "192"}
     # an untrained student predicts the teachers badly: R^2 near or below zero, cosine well below 1
@@ -369,7 +369,7 @@ def test_fidelity_is_re_measured_on_the_run_s_held_out_slides(tmp_path, he_pixel
         predicted = heads.head("beta", 16)(z[:, :16])
         target = standardizers["beta"](torch.from_numpy(run["targets"]["beta"][rows, 0].astype(np.float32)))
     assert found["recomputed"]["beta"]["16"]["cos"] == pytest.approx(F.cosine_similarity(predicted, target).mean().item(), abs=1e-4)
-    assert "student.json lacks" in fidelity(tmp_path, student_dir, None)["skipped"]
+    assert "student.json lacks" in fidelity(None, student_dir, None)["skipped"]
 
 
 def test_evaluate_writes_json_table_and_plots(tmp_path, crops, student_dir):

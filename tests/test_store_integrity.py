@@ -178,7 +178,7 @@ def test_the_distiller_refuses_a_damaged_feature_store(made, tmp_path, damage):
     else:
         flip_byte(shard, 20)  # inside the shard's first chunk, rows 64-72
         expected = r"alpha.zarr: array 'cls' rows \[64, 72\) cannot be read .*checksum.*inspect-store --verify"
-    data = open_distill_data(run, DistillConfig(**STUDENT))
+    data = open_distill_data([run], DistillConfig(**STUDENT))
     with pytest.raises(StoreError, match=expected):
         one_epoch(data)
 
@@ -192,7 +192,7 @@ def test_distill_refuses_a_damaged_store_in_one_line(made, tmp_path):
 
     (run / "tiles.zarr" / "flags" / "c" / "5").unlink()  # read whole when the stores are opened
     with pytest.raises(StoreError, match=r"tiles.zarr is damaged: array 'flags' rows \[160, 192\)"):
-        open_distill_data(run, DistillConfig(**STUDENT))
+        open_distill_data([run], DistillConfig(**STUDENT))
 
 
 # Item 7: a slide that vanishes after planning is a failed slide.

@@ -17,19 +17,23 @@ from distill.train import Distiller, validate
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.stores import StoreError
 
-RUN_KEYS = ("distill", "distilled_from", "split", "tile_store_id", "final_val")
+RUN_KEYS = ("distill", "distilled_from", "split", "composition", "final_val")
 
 
-def fidelity(run_dir: Path, student_dir: Path, rows: int | None) -> dict:
-    """{"held_out_slides", "rows", "run": final_val, "recomputed": {teacher: {m: {"cos", "r2"}}}};
-    or {"skipped": reason} when the student or the run's stores do not allow it."""
+def fidelity(runs: list[Path] | None, student_dir: Path, rows: int | None) -> dict:
+    """{"held_out_slides": [{"run", "id", "name", "rows"}], "rows", "run": final_val, "recomputed":
+    {teacher: {m: {"cos", "r2"}}}}, measured over the held-out slides of every run of the training set
+    (`runs`, or none: the runs the student records); or {"skipped": reason} when the student or the
+    runs' stores do not allow it."""
     _, record = read_student_json(student_dir)
     missing = [key for key in RUN_KEYS if key not in record]
     if missing:
         return {"skipped": f"student.json lacks {missing}: it was not exported by `distill`, so there is no held-out split to measure on"}
-    held_out = [slide["name"] for slide in record["split"]["val"]]
+    held_out = record["split"]["val"]
     if not held_out:
         return {"skipped": "the run held out no slides (distill.val_slides = 0)"}
+    trained_on = [Path(part["run"]) for part in record["composition"]]
+    runs = runs or trained_on
     run_settings = DistillConfig.model_validate(record["distill"])
     settings = run_settings.model_copy(update={
         "teachers": list(record["distilled_from"]),
@@ -37,12 +41,21 @@ def fidelity(run_dir: Path, student_dir: Path, rows: int | None) -> dict:
         "val_rows": rows or run_settings.val_rows,
     })
     try:
-        data = open_distill_data(run_dir, settings)
+        data = open_distill_data(runs, settings)
     except (StoreError, ConfigError) as error:
-        return {"skipped": f"the run's stores cannot be read for the held-out slides: {error}"}
-    if data.tile_store_id != record["tile_store_id"] or [slide.name for slide in data.split.val] != held_out:
-        return {"skipped": f"{data.tile_path} is not the tile store the student was distilled from (store {record['tile_store_id']}, held out {held_out})"}
+        return {"skipped": f"the stores of {', '.join(map(str, runs))} cannot be read for the held-out slides: {error}"}
+    if _held_out_by_store(data.composition()) != _held_out_by_store(record["composition"]):
+        stores = [part["tile_store_id"] for part in record["composition"]]
+        return {"skipped": (
+            f"{', '.join(str(s.run) for s in data.sources)} are not the runs the student was distilled from ({', '.join(map(str, trained_on))}: "
+            f"tile stores {stores}, held out {[(s['run'], s['name']) for s in held_out]}); list those runs in distill.runs (--runs)"
+        )}
     heads, standardizers = load_heads(student_dir)
     model = Distiller(load_student(student_dir), heads, standardizers, settings)
     scores, measured_rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
     return {"held_out_slides": held_out, "rows": measured_rows, "run": record["final_val"], "recomputed": scores}
+
+
+def _held_out_by_store(composition: list[dict]) -> list[tuple[str, list[int]]]:
+    """(tile store id, ids of its held-out slides) per run: what must match for the split to be the student's."""
+    return [(part["tile_store_id"], [slide["id"] for slide in part["slides"]["val"]]) for part in composition]

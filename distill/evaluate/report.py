@@ -64,7 +64,7 @@ def write_markdown(result: dict) -> str:
         lines.append(f"Not measured: {fidelity['skipped']}.")
     else:
         lines += [
-            f"Slides {', '.join(fidelity['held_out_slides'])}, {fidelity['rows']} rows. Cells: cosine / R^2 on standardized "
+            f"Slides {held_out_text(fidelity['held_out_slides'])}, {fidelity['rows']} rows. Cells: cosine / R^2 on standardized "
             "targets, re-computed here (the run's own final validation in brackets).", "",
             *markdown_table(*fidelity_table(fidelity)),
         ]
@@ -108,6 +108,14 @@ def robustness_table(result: dict) -> tuple[list[str], list[list[str]]]:
         for r in records
     ]
     return columns, rows
+
+
+def held_out_text(slides: list[dict]) -> str:
+    """The held-out slides by run: slide names are only unique within a run."""
+    names_of_run: dict[str, list[str]] = {}
+    for slide in slides:
+        names_of_run.setdefault(slide["run"], []).append(slide["name"])
+    return "; ".join(f"{', '.join(names)} of {run}" for run, names in names_of_run.items())
 
 
 def fidelity_table(fidelity: dict) -> tuple[list[str], list[list[str]]]:

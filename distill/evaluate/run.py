@@ -3,7 +3,8 @@
 For every labelled set, the student at each nested dim and each teacher at full width are probed
 (logistic regression, kNN, eva's linear layer) and asked for same-class retrieval; all of them are
 measured for robustness on pairs of the same tiles under different staining and scanning (PLISM's
-metrics); and the student's fidelity to its teachers on its held-out slides is re-measured. Models
+metrics); and the student's fidelity to its teachers on its held-out slides is re-measured, over every
+run it was trained on (distill.runs, or the runs its student.json records). Models
 are built one at a time, and embeddings are cached per model and image set.
 
 RUN/evaluate/
@@ -89,7 +90,7 @@ def run_evaluate(config: Config) -> dict:
         "datasets": [dataset.describe() for dataset in datasets],
         "classification": classification,
         "robustness": {"source": pairs.source, "conditions": list(pairs.conditions), "tiles": pairs.n_tiles, "results": robust},
-        "fidelity": fidelity(run_dir, student_dir, settings.fidelity_rows),
+        "fidelity": fidelity(config.distill.runs or None, student_dir, settings.fidelity_rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out_dir / "evaluate.json", json.dumps(result, indent=2) + "\n")
