@@ -68,7 +68,7 @@ def plan_in_process(config: Config) -> tuple[list[SlidePlan], TileStoreAttrs]:
 
 def in_process_units(config: Config, plans: list[SlidePlan], attrs: TileStoreAttrs, warm: bool) -> tuple[float, dict[str, float]]:
     """Seconds to write every unit into a new store by calling ``write_unit`` here, one unit after
-    another, and the seconds its units spent reading and writing.
+    another, and the seconds its units spent reading and writing, and on the CPU.
 
     ``warm`` False is a unit as a task does it alone: its slides opened and its buffer allocated for
     it. ``warm`` True keeps both from one unit to the next, as a stage worker does.
@@ -76,7 +76,7 @@ def in_process_units(config: Config, plans: list[SlidePlan], attrs: TileStoreAtt
     store = config.run / "tiles.zarr"
     shutil.rmtree(config.run, ignore_errors=True)
     create_tile_store(store, attrs, config.store)
-    split = {"read_seconds": 0.0, "write_seconds": 0.0}
+    split = {"read_seconds": 0.0, "write_seconds": 0.0, "cpu_seconds": 0.0}
 
     def all_units() -> None:
         with OpenSlides() as kept:
@@ -101,17 +101,18 @@ def stage_against_in_process(slides: list[Path], work: Path, repeats: int) -> li
 
     plans, attrs = plan_in_process(config("tiles-in-process", 1))
     best = {"cold": float("inf"), "warm": float("inf"), 1: float("inf"), 2: float("inf")}
+    cpu = dict(best)  # CPU seconds of the units: the work done, whatever share of the cores the machine's load left
     split: dict[str, float] = {}
     for _ in range(repeats):
         for warm in (False, True):
             seconds, split = in_process_units(config("tiles-in-process", 1), plans, attrs, warm)
-            best["warm" if warm else "cold"] = min(best["warm" if warm else "cold"], seconds)
+            key = "warm" if warm else "cold"
+            best[key], cpu[key] = min(best[key], seconds), min(cpu[key], split["cpu_seconds"])
         for workers in (1, 2):
             with ray_session(RayConfig(num_cpus=workers)):  # Ray's start-up is not part of the units phase
                 summary = run_tiles(config(f"tiles-stage-{workers}", workers), overwrite=True)
-            best[workers] = min(best[workers], summary.units_seconds)
-    rows_total = summary.n_rows
-    rate = {key: rows_total / seconds for key, seconds in best.items()}
+            best[workers], cpu[workers] = min(best[workers], summary.units_seconds), min(cpu[workers], summary.units_cpu_seconds)
+    rate = {key: attrs.n_rows / seconds for key, seconds in best.items()}
     units = f"{summary.units_total} units of {StoreConfig().shard_rows} rows from {len(slides)} slides"
     read_share = split["read_seconds"] / (split["read_seconds"] + split["write_seconds"])
     baseline = "write_unit in this process, a unit as a task does it"
@@ -121,6 +122,11 @@ def stage_against_in_process(slides: list[Path], work: Path, repeats: int) -> li
         Row(FIGURE, "tiles stage on Ray, units phase, 1 worker", rate[1], "tiles/s", baseline + " (1 core)", rate[1] / rate["cold"], ">= 0.9", units),
         Row(FIGURE, "tiles stage on Ray, units phase, 2 workers", rate[2], "tiles/s", baseline + " x 2 (per core)", rate[2] / (2 * rate["cold"]), ">= 0.9", units),
         Row(FIGURE, "tiles stage on Ray, units phase, 2 workers against 1", rate[2], "tiles/s", "the stage's units phase with 1 worker", rate[2] / rate[1], ">= 1.5", units),
+        *[
+            Row(FIGURE, f"CPU seconds per 1,000 tiles, stage's {workers} worker(s)", 1000 * cpu[workers] / attrs.n_rows, "s", "the same for write_unit in this process, a unit as a task does it",
+                cpu[workers] / cpu["cold"], "", "the work itself, apart from the share of the cores the machine's load left; Ray's own processes not counted")
+            for workers in (1, 2)
+        ],
     ]
 
 

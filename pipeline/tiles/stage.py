@@ -52,6 +52,7 @@ class TileSummary:
     read_failed_tiles: int = 0
     rows_written: int = 0
     units_seconds: float = 0.0  # wall time of the unit phase (reading and writing), without start-up and planning
+    units_cpu_seconds: float = 0.0  # CPU time the workers' processes spent on this run's units
     warnings: list[str] = field(default_factory=list)  # entries that named an already listed slide file
     hashed_files: int = 0  # slide files read for their content hash in this run (the others' digests were cached)
     hashed_bytes: int = 0
@@ -242,6 +243,7 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
             lost += [(unit, failure) for failure in stats["failed_slides"]]
             summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
+            summary.units_cpu_seconds += stats["cpu_seconds"]
             summary.units_seconds = time.perf_counter() - unit_started
             progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
     # Count blank tiles of units finished by an earlier, interrupted run too.

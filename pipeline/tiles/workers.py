@@ -48,7 +48,7 @@ class UnitBuffer:
 
 def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: list[dict], slides: OpenSlides, buffer: UnitBuffer) -> dict:
     """Read and write one unit's rows, then mark it done. Idempotent: a retry rewrites the same bytes."""
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     n_rows = sum(len(segment["coords"]) for segment in segments)
     columns = buffer.rows(n_rows, ReadPlan(**segments[0]["read"]).stored_px)
     failed_slides = []
@@ -76,6 +76,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
         "read_failed": int(np.count_nonzero(columns["flags"] & FLAG_READ_FAILED)),
         "read_seconds": read_done - began,
         "write_seconds": finished - read_done,
+        "cpu_seconds": time.process_time() - cpu_began,  # of the whole process (zarr's thread too): the work, whatever share of the cores it got
         "failed_slides": failed_slides,
     }
     UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, **stats})
