@@ -12,6 +12,7 @@ from bench import features, inference, loader, memory, stores, tiling
 from bench.common import RESULTS, write_results
 from pipeline.config import Config, FeaturesConfig, RayConfig, load_config
 from pipeline.demo.slides import make_demo_slides
+from pipeline.tiles.stage import run_tiles
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -24,11 +25,12 @@ def main() -> None:
     work = args.out / "work"
     slides = {path.name: path for path in make_demo_slides(DEMO)}
     tiled_slides = [slides["cmu_small_region.svs"]] if args.quick else [slides["synthetic_40x_large.tiff"], slides["cmu_small_region.svs"]]
-    rows = tiling.measure(tiled_slides, work, args.quick)
+    rows = tiling.measure(tiled_slides, tiled_slides if args.quick else list(slides.values()), work, args.quick)
     tiled_run = Config(
         run=work / f"tiles-{tiled_slides[0].stem}-2", slides=[tiled_slides[0]], ray=RayConfig(num_cpus=2),
         features=FeaturesConfig(actors=1), distill=load_config().distill.model_copy(update={"val_slides": 0}),  # one slide: no held-out one
     )
+    run_tiles(tiled_run)  # the tile store the later figures read
     bare = features.bare_rates(tiled_run)
     rows += features.measure(tiled_run, bare)
     inference_rows, real_teachers = inference.measure(args.quick)

@@ -1,8 +1,11 @@
-"""Figure 1: tiles/s of the tile stage against a per-tile read_region loop and the JPEG decode floor."""
+"""Figure 1: tiles/s of the tile reader against a per-tile read_region loop and the JPEG decode floor,
+and of the tile stage's units phase on Ray against ``write_unit`` called in this process."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,13 @@ from PIL import Image
 from bench.common import Row, timed
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.geometry import ReadPlan
+from pipeline.ray_runtime import ray_session
+from pipeline.stores import TileStoreAttrs, Tiling, create_tile_store, unit_ranges
 from pipeline.tiles.slide_identity import identify_slide
-from pipeline.tiles.slides import SlideReader, SlideSource
-from pipeline.tiles.stage import run_tiles
-from pipeline.tiles.slide_tiles import plan_slide, read_tiles
+from pipeline.tiles.slides import OpenSlides, SlideReader, SlideSource
+from pipeline.tiles.stage import run_tiles, unit_segments
+from pipeline.tiles.slide_tiles import SlidePlan, plan_slide, read_tiles
+from pipeline.tiles.workers import UnitBuffer, write_unit
 
 FIGURE = "1 tiling"
 
@@ -49,7 +55,82 @@ def jpeg_decode_floor(path: Path, read: ReadPlan, coords0: np.ndarray) -> float:
     return len(coords0) / seconds
 
 
-def measure(slides: list[Path], work: Path, quick: bool) -> list[Row]:
+def plan_in_process(config: Config) -> tuple[list[SlidePlan], TileStoreAttrs]:
+    """The slides' plans with their rows, and the attrs of their store, as the stage makes them."""
+    plans: list[SlidePlan] = []
+    for index, path in enumerate(config.slides):
+        plan = plan_slide(index, SlideSource(path), identify_slide(path, {}), config.tiling, config.tissue, None)
+        start = plans[-1].record.rows[1] if plans else 0
+        plan.record = dataclasses.replace(plan.record, rows=[start, start + len(plan.coords)])
+        plans.append(plan)
+    return plans, TileStoreAttrs.new(Tiling.from_config(config), [p.record for p in plans], plans[-1].record.rows[1])
+
+
+def in_process_units(config: Config, plans: list[SlidePlan], attrs: TileStoreAttrs, warm: bool) -> tuple[float, dict[str, float]]:
+    """Seconds to write every unit into a new store by calling ``write_unit`` here, one unit after
+    another, and the seconds its units spent reading and writing, and on the CPU.
+
+    ``warm`` False is a unit as a task does it alone: its slides opened and its buffer allocated for
+    it. ``warm`` True keeps both from one unit to the next, as a stage worker does.
+    """
+    store = config.run / "tiles.zarr"
+    shutil.rmtree(config.run, ignore_errors=True)
+    create_tile_store(store, attrs, config.store)
+    split = {"read_seconds": 0.0, "write_seconds": 0.0, "cpu_seconds": 0.0}
+
+    def all_units() -> None:
+        with OpenSlides() as kept:
+            buffer = UnitBuffer()
+            for unit, (start, end) in enumerate(unit_ranges(attrs.n_rows, config.store.shard_rows)):
+                with OpenSlides() as fresh:
+                    stats = write_unit(
+                        str(store), attrs.store_id, unit, start, unit_segments(plans, start, end),
+                        kept if warm else fresh, buffer if warm else UnitBuffer(),
+                    )
+                for key in split:
+                    split[key] += stats[key]
+
+    return timed(all_units), split
+
+
+def stage_against_in_process(slides: list[Path], work: Path, repeats: int) -> list[Row]:
+    """The tile stage's units phase with 1 and 2 workers against ``write_unit`` in this process on the
+    same units, interleaved: each repeat runs every side once; the best of the repeats counts."""
+    def config(name: str, workers: int) -> Config:
+        return Config(run=work / name, slides=slides, store=StoreConfig(), ray=RayConfig(num_cpus=workers))
+
+    plans, attrs = plan_in_process(config("tiles-in-process", 1))
+    best = {"cold": float("inf"), "warm": float("inf"), 1: float("inf"), 2: float("inf")}
+    cpu = dict(best)  # CPU seconds of the units: the work done, whatever share of the cores the machine's load left
+    split: dict[str, float] = {}
+    for _ in range(repeats):
+        for warm in (False, True):
+            seconds, split = in_process_units(config("tiles-in-process", 1), plans, attrs, warm)
+            key = "warm" if warm else "cold"
+            best[key], cpu[key] = min(best[key], seconds), min(cpu[key], split["cpu_seconds"])
+        for workers in (1, 2):
+            with ray_session(RayConfig(num_cpus=workers)):  # Ray's start-up is not part of the units phase
+                summary = run_tiles(config(f"tiles-stage-{workers}", workers), overwrite=True)
+            best[workers], cpu[workers] = min(best[workers], summary.units_seconds), min(cpu[workers], summary.units_cpu_seconds)
+    rate = {key: attrs.n_rows / seconds for key, seconds in best.items()}
+    units = f"{summary.units_total} units of {StoreConfig().shard_rows} rows from {len(slides)} slides"
+    read_share = split["read_seconds"] / (split["read_seconds"] + split["write_seconds"])
+    baseline = "write_unit in this process, a unit as a task does it"
+    return [
+        Row(FIGURE, "write_unit in this process, slides and buffer kept between units", rate["warm"], "tiles/s", baseline, rate["warm"] / rate["cold"], "", units),
+        Row(FIGURE, "write_unit in this process, a unit as a task does it", rate["cold"], "tiles/s", note=f"read {read_share:.0%}, write {1 - read_share:.0%} of a unit (warm)"),
+        Row(FIGURE, "tiles stage on Ray, units phase, 1 worker", rate[1], "tiles/s", baseline + " (1 core)", rate[1] / rate["cold"], ">= 0.9", units),
+        Row(FIGURE, "tiles stage on Ray, units phase, 2 workers", rate[2], "tiles/s", baseline + " x 2 (per core)", rate[2] / (2 * rate["cold"]), ">= 0.9", units),
+        Row(FIGURE, "tiles stage on Ray, units phase, 2 workers against 1", rate[2], "tiles/s", "the stage's units phase with 1 worker", rate[2] / rate[1], ">= 1.5", units),
+        *[
+            Row(FIGURE, f"CPU seconds per 1,000 tiles, stage's {workers} worker(s)", 1000 * cpu[workers] / attrs.n_rows, "s", "the same for write_unit in this process, a unit as a task does it",
+                cpu[workers] / cpu["cold"], "", "the work itself, apart from the share of the cores the machine's load left; Ray's own processes not counted")
+            for workers in (1, 2)
+        ],
+    ]
+
+
+def measure(slides: list[Path], stage_slides: list[Path], work: Path, quick: bool) -> list[Row]:
     rows: list[Row] = []
     tiling, tissue = TilingConfig(), TissueConfig()
     for path in slides:
@@ -72,13 +153,7 @@ def measure(slides: list[Path], work: Path, quick: bool) -> list[Row]:
             Row(FIGURE, f"{name}: per-tile read_region loop (CLAM/TRIDENT)", naive, "tiles/s"),
             Row(FIGURE, f"{name}: direct decode vs JPEG decode floor", ours, "tiles/s", f"decoding the level-{read['level']} JPEG tiles under them once ({floor:,.0f} tiles/s)", ours / floor, ">= 0.5"),
         ]
-        for workers in (1, 2):
-            config = Config(
-                run=work / f"tiles-{path.stem}-{workers}", slides=[path], tiling=tiling, tissue=tissue,
-                store=StoreConfig(), ray=RayConfig(num_cpus=workers),
-            )
-            summary = run_tiles(config, overwrite=True)
-            rows.append(Row(FIGURE, f"{name}: tiles stage on Ray, {workers} worker(s)", summary.tiles_per_second, "tiles/s", "per-tile loop, 1 process", summary.tiles_per_second / naive, "", "units only: Ray start-up and planning excluded"))
+    rows += stage_against_in_process(stage_slides, work, repeats=1 if quick else 3)
     if importlib.util.find_spec("hs2p") is None:
         rows.append(Row(FIGURE, "hs2p at the same settings", float("nan"), "", note="skipped: hs2p is not installed (pip install hs2p to compare)"))
     return rows

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +22,34 @@ def completed(pending: dict) -> Iterator[tuple[Any, Any]]:
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         yield pending.pop(ready[0]), ray.get(ready[0])
+
+
+def on_actors(actors: Sequence, jobs: Sequence, call: Callable[[Any, Any], ray.ObjectRef], in_flight: int = 2) -> Iterator[tuple[Any, Any]]:
+    """(job, result) for every job, in finishing order, ``call(actor, job)`` running each on one of ``actors``.
+
+    Each actor walks its own contiguous run of ``jobs`` in order, so a job meets what the one before
+    it left in the actor (open slides, decoded tiles of the same slide). An actor whose run is done
+    takes the back half of the longest run left, so none idles while jobs wait. Each actor has up to
+    ``in_flight`` calls submitted, so it never waits for the driver between two jobs.
+    """
+    runs = [deque(jobs[len(jobs) * i // len(actors) : len(jobs) * (i + 1) // len(actors)]) for i in range(len(actors))]
+    pending: dict = {}  # ref -> (actor index, job)
+
+    def feed(index: int) -> None:
+        while sum(1 for owner, _ in pending.values() if owner == index) < in_flight:
+            if not runs[index]:
+                longest = max(runs, key=len)
+                runs[index].extend(reversed([longest.pop() for _ in range((len(longest) + 1) // 2)]))
+            if not runs[index]:
+                return
+            job = runs[index].popleft()
+            pending[call(actors[index], job)] = (index, job)
+
+    for index in range(len(actors)):
+        feed(index)
+    for (index, job), result in completed(pending):
+        feed(index)
+        yield job, result
 
 
 @contextmanager

@@ -1,14 +1,15 @@
-"""ray_session on a real local Ray: a local run's ports are reachable from this machine only."""
+"""ray_session on a real local Ray: a local run's ports are reachable from this machine only; on_actors's order."""
 
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import psutil
 import ray
 
 from pipeline.config import RayConfig
-from pipeline.ray_runtime import ray_session
+from pipeline.ray_runtime import on_actors, ray_session
 
 
 def listening_addresses() -> dict[str, set[str]]:
@@ -36,3 +37,30 @@ def test_a_local_session_listens_on_the_loopback_only():
     assert {"gcs_server", "raylet"} <= {name for name, listening in addresses.items() if listening}, addresses
     exposed = {name: sorted(a for a in listening if not is_loopback(a)) for name, listening in addresses.items()}
     assert not any(exposed.values()), f"listening beyond the loopback: {exposed}"
+
+
+def test_on_actors_keeps_runs_in_order_and_no_actor_idles(tmp_path):
+    """Actor a's run is 0-4, b's 5-9. a is stuck on job 0 (1 is queued behind it): b does its own run
+    in order, then takes the back half of what a has left, twice, and every job runs once."""
+    gate = tmp_path / "gate"
+
+    class Recorder:  # defined here, so that Ray ships it by value (the tests folder is no package on the workers)
+        """Runs a job by returning who ran it; job 0 waits until ``gate`` exists, so its actor stays busy."""
+
+        def __init__(self, name: str):
+            self.name = name
+
+        def run(self, job: int) -> str:
+            while job == 0 and not gate.exists():
+                time.sleep(0.01)
+            return self.name
+
+    with ray_session(RayConfig(num_cpus=2)):
+        recorder = ray.remote(num_cpus=1)(Recorder)
+        actors = [recorder.remote(name) for name in "ab"]
+        ran: dict[str, list[int]] = {"a": [], "b": []}
+        for job, name in on_actors(actors, list(range(10)), lambda actor, job: actor.run.remote(job)):
+            ran[name].append(job)
+            if sum(map(len, ran.values())) == 8:
+                gate.touch()
+    assert ran == {"a": [0, 1], "b": [5, 6, 7, 8, 9, 3, 4, 2]}

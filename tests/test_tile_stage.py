@@ -20,7 +20,7 @@ from pipeline.run_report import read_report
 from pipeline.geometry import ReadPlan, resize_area
 from pipeline.stores import FLAG_READ_FAILED, StoreError
 from pipeline.tiles.slide_tiles import read_tiles
-from pipeline.tiles.slides import SlideReader
+from pipeline.tiles.slides import OpenSlides, SlideReader
 from pipeline.tiles.stage import run_tiles
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,3 +242,44 @@ def test_direct_tiff_decoding_gives_openslides_pixels(real_svs, slide_factory, h
             for x, y, w, h in ((0, 0, 300, 200), (width - 150, height - 100, 300, 200), (-40, 10, 100, 100), (37, 53, 511, 257)):
                 location0 = (x * downsample, y * downsample)
                 assert np.array_equal(direct.read(location0, level, (w, h)), through_openslide.read(location0, level, (w, h))), (path.name, level, x, y)
+
+
+def test_open_slides_keep_a_reader_until_its_file_changes(tmp_path, slide_factory, he_pixels):
+    """A unit reuses the reader (and its decoded tiles) of the unit before; a replaced or deleted file is
+    opened again, so it reads as it is now; only the most recent slides stay open."""
+    first = slide_factory("kept-open.tiff", he_pixels[TISSUE], mpp=0.5, levels=1)
+    second = slide_factory("other-open.tiff", he_pixels[OTHER_TISSUE], mpp=0.5, levels=1)
+    with OpenSlides(keep=1) as slides:
+        reader = slides.get(first, direct=True)
+        before = reader.read((0, 0), 0, (64, 64))
+        assert slides.get(first, direct=True) is reader and reader.tiff.cache
+        slide_factory("kept-open.tiff", he_pixels[OTHER_TISSUE], mpp=0.5, levels=1)  # replaced in place
+        again = slides.get(first, direct=True)
+        assert again is not reader and not np.array_equal(again.read((0, 0), 0, (64, 64)), before)
+        slides.get(second, direct=True)
+        assert list(slides.readers) == [(second, True)]  # the first one was closed
+        second.unlink()
+        with pytest.raises(FileNotFoundError):
+            slides.get(second, direct=True)
+
+
+def test_read_tiles_fills_every_row_of_a_reused_buffer(slide_factory, he_pixels):
+    """A worker's unit buffer holds the last unit's pixels: rows read, failed and of a slide that could
+    not be opened are all overwritten, so the stored bytes equal a fresh read."""
+    slide = slide_factory("buffer.tiff", he_pixels[TISSUE], mpp=0.5, levels=1)
+    with tifffile.TiffFile(slide) as tiff:
+        offset, count = tiff.pages[0].dataoffsets[5], tiff.pages[0].databytecounts[5]
+    with open(slide, "r+b") as handle:  # one undecodable JPEG tile: some rows fail to read
+        handle.seek(offset)
+        handle.write(b"\0" * count)
+    plan = ReadPlan(level=0, level_downsample=1.0, level_mpp=0.5, read_px=128, step_px=128, context_read_px=0, tile_px=128, context_px=0, resized=False, effective_mpp=0.5)
+    coords = np.array([(x, y) for y in range(0, 1024, 128) for x in range(0, 1024, 128)])
+    with SlideReader(slide) as reader:
+        fresh_tiles, fresh_flags = read_tiles(reader, plan, coords, (1024, 1024))
+        used = (np.full_like(fresh_tiles, 7), np.full_like(fresh_flags, 7))
+        read_tiles(reader, plan, coords, (1024, 1024), out=used)
+    assert (fresh_flags & FLAG_READ_FAILED).sum() == 4
+    assert np.array_equal(used[0], fresh_tiles) and np.array_equal(used[1], fresh_flags)
+    blank = (np.full_like(fresh_tiles, 7), np.full_like(fresh_flags, 7))
+    read_tiles(None, plan, coords, (1024, 1024), out=blank)
+    assert not blank[0].any() and (blank[1] == FLAG_READ_FAILED).all()

@@ -135,15 +135,21 @@ def draw_qc(path: Path, overview: np.ndarray, mask: np.ndarray, kept0: np.ndarra
     return path
 
 
-def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, dimensions: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def read_tiles(
+    reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, dimensions: tuple[int, int],
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Stored pixels uint8 [n, S, S, 3] and flags uint8 [n] for tiles at level-0 ``coords0``.
 
-    ``reader`` None means the slide could not be opened now: every tile is blank and flagged.
+    ``out`` (tiles, flags) is filled in place, every row of it (a unit's buffer, reused: no copy into
+    the unit and no fresh pages per unit); without it new arrays are returned. ``reader`` None means
+    the slide could not be opened now: every tile is blank and flagged.
     """
     size = plan.stored_px
-    tiles = np.zeros((len(coords0), size, size, 3), np.uint8)
-    flags = np.zeros(len(coords0), np.uint8)
+    tiles, flags = out if out is not None else (np.empty((len(coords0), size, size, 3), np.uint8), np.empty(len(coords0), np.uint8))
+    flags[:] = 0
     if reader is None:
+        tiles[:] = 0
         flags[:] = FLAG_READ_FAILED
         return tiles, flags
     level_xy = np.round(coords0 / plan.level_downsample).astype(np.int64) - plan.context_read_px
@@ -173,6 +179,7 @@ def read_tiles(reader: SlideReader | None, plan: ReadPlan, coords0: np.ndarray, 
                     cut = reader.read((plan.to_level0(x), plan.to_level0(y)), plan.level, (region, region))
                 except SlideReadError:
                     flags[row] |= FLAG_READ_FAILED
+                    tiles[row] = 0
                     continue
             tiles[row] = resize_area(cut, size) if plan.resized else cut
     return tiles, flags

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +253,43 @@ class SlideReader:
             self.tiff.close()
 
     def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenSlides:
+    """Slides kept open from one unit to the next, with the level tiles they decoded: the next unit of
+    a slide then neither opens it again nor decodes again the JPEG tiles it shares with the previous
+    unit. At most ``keep`` are open (a unit that spans a slide boundary needs two). A file that
+    changed or vanished since it was opened is opened again, so a unit reads each slide as it is now.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.readers: OrderedDict[tuple[Path, bool], tuple[tuple[int, ...], SlideReader]] = OrderedDict()
+
+    def get(self, path: Path, direct: bool) -> SlideReader:
+        """An open reader of ``path``; raises what opening it raises (OSError, OpenSlideError)."""
+        key = (Path(path), direct)
+        status = os.stat(key[0])
+        found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        fingerprint, reader = self.readers.pop(key, (None, None))
+        if fingerprint != found:
+            if reader is not None:
+                reader.close()
+            reader = SlideReader(key[0], direct)
+        self.readers[key] = (found, reader)
+        while len(self.readers) > self.keep:
+            self.readers.popitem(last=False)[1][1].close()
+        return reader
+
+    def close(self) -> None:
+        while self.readers:
+            self.readers.popitem()[1][1].close()
+
+    def __enter__(self) -> OpenSlides:
         return self
 
     def __exit__(self, *exc: object) -> None:

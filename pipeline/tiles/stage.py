@@ -1,11 +1,14 @@
 """The ``tiles`` stage: slides -> ``RUN/tiles.zarr``, on Ray, resumable.
 
-1. A Ray task per slide hashes its files (full sha256, cached for unchanged files); a slide with the
-   content of an earlier one is recorded as its duplicate. A Ray task per other slide plans its
+All work runs on one Ray actor per CPU, started with the run (pipeline/tiles/workers.py).
+
+1. A worker per slide hashes its files (full sha256, cached for unchanged files); a slide with the
+   content of an earlier one is recorded as its duplicate. A worker per other slide plans its
    tiles (mpp, read level, tissue, grid, QC picture).
 2. The driver sizes the store once (rows of a slide are contiguous) or checks that an existing
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
-3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
+3. Workers take units (one shard of rows each), neighbouring units of a slide to the same worker
+   where no worker idles for it; a unit reads its tiles, writes its shards, then its marker.
    Units with a marker are skipped, so a rerun after any interruption does only what is missing.
    A slide that a unit cannot open (it vanished or broke after planning) gets blank, flagged rows,
    is named in the unit's marker, and at the end is failed in the summary and the store's records.
@@ -15,26 +18,27 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import ray
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import progress_bar, results, table
-from pipeline.geometry import ReadPlan
 from pipeline.inspect_store import describe_read
 from pipeline.locks import exclusive
-from pipeline.ray_runtime import completed, ray_session
+from pipeline.ray_runtime import on_actors, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
     FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
-    open_tile_store, remove_store, rewrite_attrs, unit_ranges, write_rows,
+    open_tile_store, remove_store, rewrite_attrs, unit_ranges,
 )
-from pipeline.tiles.slide_identity import DigestCache, SlideIdentity, identify_slide
-from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan, plan_slide, read_tiles
-from pipeline.tiles.slides import SlideReader, SlideSource, discover_slides
+from pipeline.tiles.slide_identity import DigestCache, SlideIdentity
+from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan
+from pipeline.tiles.slides import SlideSource, discover_slides
+from pipeline.tiles.workers import tile_workers
 
 
 @dataclass
@@ -48,6 +52,7 @@ class TileSummary:
     read_failed_tiles: int = 0
     rows_written: int = 0
     units_seconds: float = 0.0  # wall time of the unit phase (reading and writing), without start-up and planning
+    units_cpu_seconds: float = 0.0  # CPU time the workers' processes spent on this run's units
     warnings: list[str] = field(default_factory=list)  # entries that named an already listed slide file
     hashed_files: int = 0  # slide files read for their content hash in this run (the others' digests were cached)
     hashed_bytes: int = 0
@@ -83,8 +88,8 @@ class TileSummary:
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     started = time.perf_counter()
     run = RunDir.of(config)
-    with exclusive(run.lock("tiles")), ray_session(config.ray):
-        summary = write_tiles(config, plan_tiles(config), overwrite)
+    with exclusive(run.lock("tiles")), ray_session(config.ray), tile_workers() as workers:
+        summary = write_tiles(config, plan_tiles(config, workers), overwrite, workers)
     summary.seconds = time.perf_counter() - started
     append_stage_record(run.root, summary.as_record())
     return summary
@@ -100,14 +105,18 @@ class TilePlan:
     hashed_bytes: int
 
 
-def plan_tiles(config: Config) -> TilePlan:
-    """Phase 1 (needs a Ray session): every slide identified and planned, and its rows in the store."""
+def plan_tiles(config: Config, workers: list | None = None) -> TilePlan:
+    """Phase 1 (needs a Ray session): every slide identified and planned, and its rows in the store.
+    ``workers`` from ``tile_workers``; without them, workers are started for this phase alone."""
+    if workers is None:
+        with tile_workers() as started:
+            return plan_tiles(config, started)
     listed = discover_slides(config.slides)
     if not listed.sources:
         raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
     run = RunDir.of(config)
-    identities = _identify_all(listed.sources, DigestCache(run.slide_hashes))
-    plans = _plan_all(listed.sources, identities, config, run.qc)
+    identities = _identify_all(listed.sources, DigestCache(run.slide_hashes), workers)
+    plans = _plan_all(listed.sources, identities, config, run.qc, workers)
     rows = np.cumsum([0] + [len(p.coords) for p in plans])
     for plan, start, end in zip(plans, rows[:-1], rows[1:]):
         plan.record = dataclasses.replace(plan.record, rows=[int(start), int(end)])
@@ -116,8 +125,11 @@ def plan_tiles(config: Config) -> TilePlan:
     )
 
 
-def write_tiles(config: Config, planned: TilePlan, overwrite: bool = False) -> TileSummary:
+def write_tiles(config: Config, planned: TilePlan, overwrite: bool = False, workers: list | None = None) -> TileSummary:
     """Phases 2 and 3 (needs a Ray session): the store sized or reused, then every missing unit written."""
+    if workers is None:
+        with tile_workers() as started:
+            return write_tiles(config, planned, overwrite, started)
     run = RunDir.of(config)
     plans = planned.plans
     slides = [p.record for p in plans]
@@ -127,41 +139,43 @@ def write_tiles(config: Config, planned: TilePlan, overwrite: bool = False) -> T
     )
     if summary.n_rows:
         store_id = _prepare_store(run.tiles, config, slides, summary.n_rows, overwrite)
-        _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary)
+        _write_units(run.tiles, store_id, plans, config.store.shard_rows, summary, workers)
     return summary
 
 
-def _identify_all(sources: list[SlideSource], cache: DigestCache) -> list[SlideIdentity]:
-    """Every slide's content hash, one Ray task per slide; digests of unchanged files come from the cache."""
-    identify_task = ray.remote(num_cpus=1)(identify_slide)
-    pending = {identify_task.remote(source.path, cache.for_slide(source.path)): index for index, source in enumerate(sources)}
-    found = _gather(pending, "hashing slides")
+def _identify_all(sources: list[SlideSource], cache: DigestCache, workers: list) -> list[SlideIdentity]:
+    """Every slide's content hash, one worker call per slide; digests of unchanged files come from the cache."""
+    found = _gather(on_actors(workers, range(len(sources)), lambda worker, index: worker.identify.remote(
+        sources[index].path, cache.for_slide(sources[index].path),
+    )), len(sources), "hashing slides")
     identities = [found[index] for index in range(len(sources))]
     cache.save(identities)
     return identities
 
 
-def _plan_all(sources: list[SlideSource], identities: list[SlideIdentity], config: Config, qc_dir: Path) -> list[SlidePlan]:
-    """Plan each slide on Ray, except a slide whose content hash an earlier slide has: that one is a duplicate."""
-    plan_task = ray.remote(num_cpus=1)(plan_slide)
+def _plan_all(sources: list[SlideSource], identities: list[SlideIdentity], config: Config, qc_dir: Path, workers: list) -> list[SlidePlan]:
+    """Plan each slide on a worker, except a slide whose content hash an earlier slide has: that one is a duplicate."""
     first_with_hash: dict[str, Path] = {}
-    duplicates, pending = {}, {}
+    duplicates, to_plan = {}, []
     for index, (source, identity) in enumerate(zip(sources, identities)):
         if identity.error is None and first_with_hash.setdefault(identity.hash, source.path) != source.path:
             duplicates[index] = duplicate_plan(index, source, identity, first_with_hash[identity.hash])
         else:
-            pending[plan_task.remote(index, source, identity, config.tiling, config.tissue, qc_dir)] = index
-    plans = {**_gather(pending, "planning slides"), **duplicates}
+            to_plan.append(index)
+    planned = on_actors(workers, to_plan, lambda worker, index: worker.plan.remote(
+        index, sources[index], identities[index], config.tiling, config.tissue, qc_dir,
+    ))
+    plans = {**_gather(planned, len(to_plan), "planning slides"), **duplicates}
     return [plans[index] for index in range(len(sources))]
 
 
-def _gather(pending: dict, description: str) -> dict:
-    """What each Ray ref was filed under -> its result, with a progress bar."""
+def _gather(finished: Iterator[tuple[Any, Any]], total: int, description: str) -> dict:
+    """Each job -> its result, with a progress bar."""
     found = {}
     with progress_bar() as progress:
-        task = progress.add_task(description, total=len(pending), rate="")
-        for filed_under, result in completed(pending):
-            found[filed_under] = result
+        task = progress.add_task(description, total=total, rate="")
+        for job, result in finished:
+            found[job] = result
             progress.advance(task)
     return found
 
@@ -212,25 +226,24 @@ def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideR
     return found
 
 
-def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary) -> None:
+def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary, workers: list) -> None:
     ranges = unit_ranges(summary.n_rows, shard_rows)
     earlier = UnitMarkers(store_path, store_id).records()
     done = set(earlier)
     lost = [(unit, failure) for unit, record in earlier.items() for failure in record.get("failed_slides", [])]
     todo = [unit for unit in range(len(ranges)) if unit not in done]
     summary.units_total, summary.units_run = len(ranges), len(todo)
-    unit_task = ray.remote(num_cpus=1, max_retries=3)(write_unit)
-    pending = {
-        unit_task.remote(str(store_path), store_id, unit, ranges[unit][0], _unit_segments(plans, *ranges[unit])): unit
-        for unit in todo
-    }
     unit_started = time.perf_counter()
+    written = on_actors(workers, todo, lambda worker, unit: worker.write_unit.remote(
+        str(store_path), store_id, unit, ranges[unit][0], unit_segments(plans, *ranges[unit]),
+    ))
     with progress_bar() as progress:
         task = progress.add_task("tiling", total=summary.n_rows, completed=sum(ranges[u][1] - ranges[u][0] for u in done), rate="")
-        for unit, stats in completed(pending):
+        for unit, stats in written:
             lost += [(unit, failure) for failure in stats["failed_slides"]]
             summary.rows_written += stats["rows"]
             summary.read_failed_tiles += stats["read_failed"]
+            summary.units_cpu_seconds += stats["cpu_seconds"]
             summary.units_seconds = time.perf_counter() - unit_started
             progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
     # Count blank tiles of units finished by an earlier, interrupted run too.
@@ -254,7 +267,7 @@ def _fail_slides_lost_after_planning(store_path: Path, summary: TileSummary, los
         rewrite_attrs(store, dataclasses.replace(store.attrs, slides=summary.slides))
 
 
-def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
+def unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
     """The slides' pieces that fall in rows [start, end), with what a worker needs to read them."""
     segments = []
     for plan in plans:
@@ -272,46 +285,6 @@ def _unit_segments(plans: list[SlidePlan], start: int, end: int) -> list[dict]:
             "tissue": plan.tissue[lo - first : hi - first],
         })
     return segments
-
-
-def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: list[dict]) -> dict:
-    """Read and write one unit's rows, then mark it done. Idempotent: a retry rewrites the same bytes."""
-    began = time.perf_counter()
-    columns: dict[str, list[np.ndarray]] = {"tiles": [], "coords": [], "slide": [], "tissue": [], "flags": []}
-    failed_slides = []
-    for segment in segments:
-        plan = ReadPlan(**segment["read"])
-        try:
-            reader = SlideReader(Path(segment["path"]), direct=segment["reader"] == "tifffile")
-        except Exception as error:  # noqa: BLE001 - the slide vanished or broke since planning: blank, flagged rows
-            reader = None
-            failed_slides.append({"slide": segment["slide"], "error": (
-                f"vanished or unreadable after planning ({type(error).__name__}: {error}); its tiles are blank and flagged: "
-                "restore the file and rerun `tiles --overwrite`"
-            )})
-        try:
-            tiles, flags = read_tiles(reader, plan, segment["coords"], segment["dimensions"])
-        finally:
-            if reader is not None:
-                reader.close()
-        columns["tiles"].append(tiles)
-        columns["flags"].append(flags)
-        columns["coords"].append(segment["coords"])
-        columns["tissue"].append(segment["tissue"])
-        columns["slide"].append(np.full(len(tiles), segment["slide"], np.int32))
-    read_done = time.perf_counter()
-    stacked = {name: np.concatenate(parts) for name, parts in columns.items()}
-    write_rows(Path(store_path), start, stacked)
-    finished = time.perf_counter()
-    stats = {
-        "rows": len(stacked["flags"]),
-        "read_failed": int(np.count_nonzero(stacked["flags"] & FLAG_READ_FAILED)),
-        "read_seconds": read_done - began,
-        "write_seconds": finished - read_done,
-        "failed_slides": failed_slides,
-    }
-    UnitMarkers(Path(store_path), store_id).mark(unit, {"start": start, **stats})
-    return stats
 
 
 def print_summary(summary: TileSummary) -> None:
