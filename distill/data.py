@@ -8,7 +8,10 @@ Two ways in, for two jobs:
   inside the pool (the annbatch / scDataset pattern).
 
 Rows of one slide are contiguous, so a chunk mostly holds rows of one slide; a pool of chunks drawn from
-random places of the store mixes slides in every batch.
+random places of the store mixes slides in every batch (`pool_chunks` sets how many; the loader counts
+the distinct slides per batch). Under DDP each rank reads only its own pools. A pool is read into
+reused buffers by distill/pools.py; `DistillData.locate` is the one place that maps the loader's chunk
+ids onto stores and rows.
 
 Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
 refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an

@@ -33,10 +33,10 @@ class Source:
 
     @cached_property
     def target_stores(self) -> dict[str, ts.TensorStore]:
-        return {teacher: _tensorstore(reader.array) for teacher, reader in self.targets.items()}
+        return {teacher: open_tensorstore(reader.array) for teacher, reader in self.targets.items()}
 
 
-def _tensorstore(array: zarr.Array) -> ts.TensorStore:
+def open_tensorstore(array: zarr.Array) -> ts.TensorStore:
     path = Path(array.store_path.store.root) / array.path
     return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, read=True, open=True).result()
 
