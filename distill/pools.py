@@ -1,12 +1,14 @@
 """Reading a pool of whole chunks (tiles and every teacher's targets) into buffers that are reused.
 
-The I/O layer under each array is chosen by measurement on the demo store (bench/README.md, figure 3):
-- tiles through zarr-python, one `get_basic_selection(out=...)` per chunk: 0.75x of the codec's
-  decode floor, better than zarr's async API gathering the pool in one call (0.44x) and tensorstore
-  (0.64x) on the same chunks; and only zarr-python decodes the project's own registered tile codecs;
-- targets through tensorstore on the same zarr v3 arrays, the whole pool's reads issued at once: a
-  chunk of targets is ~1 KB a row, so zarr-python's ~2 ms per call is almost all of its cost, and
-  tensorstore reads the same chunk in ~0.14 ms (zarr's async gather: ~1.4 ms).
+The I/O layer under each array is chosen by measurement on the demo store (bench figure 3, its
+I/O-layer rows: time to read a pool's chunks into the buffers, over the codec's own decode time):
+- tiles through zarr-python, one `get_basic_selection(out=...)` per chunk: 1.41x, against tensorstore
+  1.34x (within the noise of a loaded machine: 1.34x and 1.57x the other way round in an earlier run)
+  and zarr's async API gathering the pool in one call 1.77x; and only zarr-python decodes the tile
+  codecs registered with it;
+- targets through tensorstore on the same zarr v3 arrays, the whole pool's reads issued at once:
+  1.6x, against 45x for zarr-python a call per chunk and 30x for its async gather. A chunk of targets
+  is ~1 KB a row, so zarr-python's ~2 ms per call is almost all of its cost.
 Both verify the stored crc32c checksums; a chunk that fails becomes a StoreDamaged naming its rows.
 """
 
