@@ -44,6 +44,18 @@ def timed(work: Callable[[], object], repeat: int = 1) -> float:
     return best
 
 
+def interleaved(works: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best wall time of each work, the works run in turn ``repeat`` times: load on the shared machine
+    then falls on candidate and baseline alike instead of on whichever ran during it."""
+    best = dict.fromkeys(works, float("inf"))
+    for _ in range(repeat):
+        for name, work in works.items():
+            began = time.perf_counter()
+            work()
+            best[name] = min(best[name], time.perf_counter() - began)
+    return best
+
+
 def write_results(rows: list[Row], out_dir: Path = RESULTS) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [{**asdict(row), "met": row.met} for row in rows]

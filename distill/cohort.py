@@ -13,12 +13,15 @@ the keys of the first run are its own ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import tensorstore as ts
 import zarr
 
+from distill.pools import open_tensorstore
 from pipeline.config import ConfigError
 from pipeline.geometry import same_mpp
 from pipeline.stores import FeatureStoreAttrs, RunDir, SlideRecord, StoreError, TileStoreAttrs, UnitReader
@@ -44,6 +47,11 @@ class Source:
     @property
     def targets(self) -> dict[str, zarr.Array]:
         return {teacher: reader.array for teacher, reader in self.target_readers.items()}
+
+    @cached_property
+    def target_stores(self) -> dict[str, ts.TensorStore]:
+        """The targets opened with tensorstore too, for the loader's batched pool reads (distill/pools.py)."""
+        return {teacher: open_tensorstore(array) for teacher, array in self.targets.items()}
 
     @property
     def n_rows(self) -> int:

@@ -9,8 +9,10 @@ Two ways in, for two jobs:
   inside the pool (the annbatch / scDataset pattern).
 
 Rows of one slide are contiguous, so a chunk mostly holds rows of one slide; a pool of chunks drawn from
-random places of the store mixes slides in every batch. Chunk ids are global: `DistillData.chunk_source`
-maps one to its run and the chunk's rows in that run's stores.
+random places of the store mixes slides in every batch (`pool_chunks` sets how many; the loader counts
+the distinct slides per batch). Under DDP each rank reads only its own pools. A pool is read into
+reused buffers by distill/pools.py. Chunk ids are global: `DistillData.locate` is the one place that
+maps them onto a run's stores and rows (`chunk_source`).
 
 Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
 refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an
@@ -26,11 +28,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from queue import SimpleQueue
 
 import numpy as np
 
 from distill.cohort import Slide, Source, cohort_slides, composition, global_rows, require_alike, require_distinct
+from distill.pools import ChunkSpan, PoolBuffers
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.stores import FLAG_READ_FAILED, RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
 from pipeline.views import apply_view
@@ -106,6 +111,14 @@ class DistillData:
     @property
     def widths(self) -> dict[str, int]:
         return {teacher: array.shape[2] for teacher, array in self.sources[0].targets.items()}
+
+    def locate(self, chunks: Sequence[int]) -> list[ChunkSpan]:
+        """Where each global chunk's rows are read from: the one place the loader maps chunk ids onto stores."""
+        spans = []
+        for chunk in chunks:
+            source, start, end = self.chunk_source(int(chunk))
+            spans.append(ChunkSpan(source, start, end, source.offset + start))
+        return spans
 
     def rows_of(self, slides: list[Slide]) -> np.ndarray:
         """Mask [N] of the rows of these slides that were read (read-failed tiles are blank)."""
@@ -270,36 +283,34 @@ class Rows:
         )
 
 
-def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: np.random.Generator | None) -> Rows:
-    """The `keep` rows of whole chunks, in chunk order, each shown with a view: drawn from `rng`, or the
-    first view when `rng` is None. With an rng the rows are also shuffled (by the same rng)."""
-    row_parts, tile_parts, target_parts = [], [], {teacher: [] for teacher in data.recipes}
-    for chunk in chunks:
-        source, start, end = data.chunk_source(chunk)
-        kept = np.flatnonzero(keep[source.offset + start : source.offset + end])
-        row_parts.append(source.offset + start + kept)
-        tile_parts.append(source.tile_reader.read(start, end)[kept])
-        for teacher, reader in source.target_readers.items():
-            values = reader.read(start, end)[kept]
-            check_finite(values, teacher, source, start + kept)
-            target_parts[teacher].append(values)
-    rows, stored = np.concatenate(row_parts), np.concatenate(tile_parts)
-    targets = {teacher: np.concatenate(parts) for teacher, parts in target_parts.items()}
-    order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
-    views = rng.integers(len(data.views), size=len(rows)) if rng is not None else np.zeros(len(rows), np.int64)
-    rows, stored = rows[order], stored[order]
-    tiles = np.empty((len(rows), data.tile_px, data.tile_px, 3), np.uint8)
-    for index, view in enumerate(data.views):
-        shown = views == index
-        if shown.any():
-            tiles[shown] = apply_view(stored[shown], view, data.tile_px)
-    return Rows(
-        rows=rows,
-        slides=data.slide_of_row[rows],
-        views=views,
-        tiles=tiles,
-        targets={teacher: values[order, views] for teacher, values in targets.items()},
-    )
+def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: np.random.Generator | None, buffers: PoolBuffers) -> Rows:
+    """The `keep` rows of whole chunks, read into `buffers`, each shown with a view: drawn from `rng`, or
+    the first view when `rng` is None. With an rng the rows are also shuffled (by the same rng).
+
+    Host copies per tile: the codec decodes a chunk, Zarr copies it into the reused pool buffer, and
+    the view is applied while copying the tile from there into the pool's output, in shuffled order."""
+    stored_rows = buffers.read(data.locate(chunks))
+    kept = np.flatnonzero(keep[stored_rows])
+    order = rng.permutation(len(kept)) if rng is not None else np.arange(len(kept))
+    views = rng.integers(len(data.views), size=len(kept)) if rng is not None else np.zeros(len(kept), np.int64)
+    picked = kept[order]  # positions in the buffers, in the order shown
+    targets = {}
+    for teacher, values in buffers.targets.items():
+        _require_finite(data, teacher, values[kept], stored_rows[kept])
+        targets[teacher] = values[picked, views]
+    tiles = np.empty((len(picked), data.tile_px, data.tile_px, 3), np.uint8)
+    for index, (position, view) in enumerate(zip(picked, views)):
+        tiles[index] = apply_view(buffers.tiles[position], data.views[view], data.tile_px)
+    rows = stored_rows[picked]
+    return Rows(rows=rows, slides=data.slide_of_row[rows], views=views, tiles=tiles, targets=targets)
+
+
+def _require_finite(data: DistillData, teacher: str, values: np.ndarray, rows: np.ndarray) -> None:
+    """check_finite on targets of global `rows`, each run's rows named as that run's own."""
+    for source in data.sources:
+        mine = (rows >= source.offset) & (rows < source.offset + source.n_rows)
+        if mine.any():
+            check_finite(values[mine], teacher, source, rows[mine] - source.offset)
 
 
 def rows_per_chunk(keep: np.ndarray, chunk_rows: int) -> np.ndarray:
@@ -307,44 +318,75 @@ def rows_per_chunk(keep: np.ndarray, chunk_rows: int) -> np.ndarray:
     return np.add.reduceat(keep.astype(np.int64), np.arange(0, len(keep), chunk_rows))
 
 
+@dataclass
+class SlideMix:
+    """How many distinct slides the batches held: the diversity a pool of `pool_chunks` chunks buys."""
+
+    batches: int = 0
+    total: int = 0
+    least: int | None = None
+
+    def add(self, slides: np.ndarray) -> None:
+        distinct = len(np.unique(slides))
+        self.batches, self.total = self.batches + 1, self.total + distinct
+        self.least = distinct if self.least is None else min(self.least, distinct)
+
+    def as_record(self) -> dict:
+        return {"batches": self.batches, "mean": self.total / max(1, self.batches), "min": self.least}
+
+
 class BlockShuffleLoader:
-    """Batches of `batch_size` training rows, forever: epoch after epoch, each visiting every row once.
+    """Batches of `batch_size` training rows of this rank, forever: epoch after epoch.
 
     An epoch orders the chunks holding training rows at random (seeded by (seed, epoch)) and cuts the
-    order into pools of `pool_chunks` chunks; a pool is read whole, its rows shuffled and given views
-    (seeded by (seed, epoch, pool)); batches are consecutive slices of the resulting stream of rows,
-    and may run across pools and epochs. The state is (epoch, position = rows of the epoch already
-    yielded): a loader built with a saved state yields exactly the batches that would have come next.
+    order into pools of `pool_chunks` chunks; rank r of `world` takes pools r, r + world, ... (every rank
+    computes the same order), so the ranks read disjoint rows whose union is the epoch. A pool is read
+    whole, its rows shuffled and given views (seeded by (seed, epoch, pool)); the rank's batches are
+    consecutive slices of its stream of rows, and may run across pools and epochs. The state is the
+    rows this rank has yielded, equal on every rank (each yields the same batches per step): a loader
+    built with a saved state, on the same number of ranks, yields exactly the batches that would have come next.
 
-    Pools are read ahead by `workers` threads, at most `workers + 1` pools in memory. Threads, not
-    processes: reading is Zarr's decompression and checksums plus numpy copies, which release the GIL;
-    threads share the open arrays with no pickling or fork (which Zarr and torch handle badly,
-    as forked readers can deadlock). Pools are consumed in the order they were submitted and each is shuffled by
-    its own seed, so batch content and order never depend on thread timing. `workers=0` reads inline.
+    Pools are read ahead by `workers` threads, each into its own reused buffers: at most `workers`
+    pool buffers and `workers + 1` read pools in memory. Threads, not processes: reading is
+    decompression and checksums plus numpy copies, which release the GIL; threads share the open
+    arrays with no pickling or fork (which Zarr and torch handle badly, as forked readers can
+    deadlock). Pools are consumed in the order they were submitted and each is shuffled by its own
+    seed, so batch content and order never depend on thread timing. `workers=0` reads inline.
     """
 
     def __init__(
         self, data: DistillData, keep: np.ndarray, batch_size: int, pool_chunks: int, workers: int, seed: int,
-        state: dict | None = None,
+        state: dict | None = None, rank: int = 0, world: int = 1,
     ):
         self.data, self.keep = data, keep
         self.batch_size, self.pool_chunks, self.workers, self.seed = batch_size, pool_chunks, workers, seed
+        self.rank, self.world = rank, world
         self.rows_in_chunk = rows_per_chunk(keep, data.chunk_rows)
         self.chunks = np.flatnonzero(self.rows_in_chunk)
-        self.rows_per_epoch = int(self.rows_in_chunk.sum())
+        self.rows_per_epoch = int(self.rows_in_chunk.sum())  # of all ranks together
         if not self.rows_per_epoch:
             raise StoreError(f"{', '.join(str(s.run) for s in data.sources)}: no readable rows in the training slides; nothing to train on")
-        state = state or {"epoch": 0, "position": 0}
-        self.cursor = state["epoch"] * self.rows_per_epoch + state["position"]  # rows yielded since the start
+        if math.ceil(len(self.chunks) / pool_chunks) < world:
+            raise ConfigError(
+                f"the training rows fill {math.ceil(len(self.chunks) / pool_chunks)} pools of distill.pool_chunks = {pool_chunks} "
+                f"chunks, fewer than the {world} processes: lower distill.pool_chunks"
+            )
+        state = state or {"rows": 0, "world_size": world}
+        if state.get("world_size") != world:
+            raise ConfigError(
+                f"the checkpoint's loader state {state} was saved by a run of {state.get('world_size', 'an unknown number of')} "
+                f"process(es); resume it with that many, not {world}"
+            )
+        self.cursor = state["rows"]  # rows this rank yielded since the start
+        self.mix = SlideMix()
 
     def state_dict(self) -> dict:
-        epoch, position = divmod(self.cursor, self.rows_per_epoch)
-        return {"epoch": epoch, "position": position}
+        return {"rows": self.cursor, "world_size": self.world}
 
-    def epoch_pools(self, epoch: int) -> list[np.ndarray]:
-        """Chunk ids of each pool of `epoch`, in reading order."""
+    def epoch_pools(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(pool index in the epoch, chunk ids) of this rank's pools of `epoch`, in reading order."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
-        return [order[i : i + self.pool_chunks] for i in range(0, len(order), self.pool_chunks)]
+        return [(index, order[index * self.pool_chunks : (index + 1) * self.pool_chunks]) for index in range(self.rank, math.ceil(len(order) / self.pool_chunks), self.world)]
 
     def __iter__(self) -> Iterator[Rows]:
         leftover: Rows | None = None
@@ -353,19 +395,32 @@ class BlockShuffleLoader:
             starts = range(0, len(stream) - self.batch_size + 1, self.batch_size)
             for start in starts:
                 self.cursor += self.batch_size
-                yield stream[start : start + self.batch_size]
+                batch = stream[start : start + self.batch_size]
+                self.mix.add(batch.slides)
+                yield batch
             leftover = stream[len(starts) * self.batch_size :]
 
     def _pools(self) -> Iterator[Rows]:
         """Pools from the current state on, read ahead in threads; the first one is cut where the state points."""
+        free: SimpleQueue[PoolBuffers] = SimpleQueue()
+        for _ in range(max(1, self.workers)):
+            free.put(PoolBuffers.like(self.data.sources[0], self.pool_chunks * self.data.chunk_rows))
+
+        def read(epoch: int, index: int, chunks: np.ndarray, skip: int) -> Rows:
+            buffers = free.get()
+            try:
+                return read_rows(self.data, chunks, self.keep, np.random.default_rng([self.seed, epoch, index]), buffers)[skip:]
+            finally:
+                free.put(buffers)
+
         if not self.workers:
-            yield from (self._read_pool(*plan) for plan in self._plans())
+            yield from (read(*plan) for plan in self._plans())
             return
         with ThreadPoolExecutor(self.workers) as executor:
             submitted: deque = deque()
             try:
                 for plan in self._plans():
-                    submitted.append(executor.submit(self._read_pool, *plan))
+                    submitted.append(executor.submit(read, *plan))
                     if len(submitted) > self.workers:
                         yield submitted.popleft().result()
             finally:
@@ -373,18 +428,18 @@ class BlockShuffleLoader:
                     future.cancel()
 
     def _plans(self) -> Iterator[tuple[int, int, np.ndarray, int]]:
-        """(epoch, pool index, chunk ids, rows to skip at its start), forever."""
-        epoch, position = divmod(self.cursor, self.rows_per_epoch)
+        """(epoch, pool index, chunk ids, rows to skip at its start) of this rank's pools, forever from the state on.
+
+        Ranks' epochs hold different numbers of rows, so the state is found by walking the epochs: one
+        permutation of the chunk ids per epoch passed."""
+        epoch, position = 0, self.cursor
         while True:
             pools = self.epoch_pools(epoch)
-            sizes = np.array([self.rows_in_chunk[pool].sum() for pool in pools])
+            sizes = np.array([self.rows_in_chunk[chunks].sum() for _, chunks in pools])
             ends = np.cumsum(sizes)
-            for index in range(int(np.searchsorted(ends, position, side="right")), len(pools)):
-                yield epoch, index, pools[index], max(0, position - int(ends[index] - sizes[index]))
-            epoch, position = epoch + 1, 0
-
-    def _read_pool(self, epoch: int, index: int, chunks: np.ndarray, skip: int) -> Rows:
-        return read_rows(self.data, chunks, self.keep, np.random.default_rng([self.seed, epoch, index]))[skip:]
+            for at in range(int(np.searchsorted(ends, position, side="right")), len(pools)):
+                yield epoch, pools[at][0], pools[at][1], max(0, position - int(ends[at] - sizes[at]))
+            epoch, position = epoch + 1, max(0, position - int(ends[-1]))
 
 
 def validation_batches(data: DistillData, batch_size: int, max_rows: int | None) -> Iterator[Rows]:
@@ -396,9 +451,10 @@ def validation_batches(data: DistillData, batch_size: int, max_rows: int | None)
         wanted = min(len(chunks), math.ceil(max_rows / data.chunk_rows))
         chunks = chunks[np.linspace(0, len(chunks) - 1, wanted).round().astype(int)]
     chunks_per_read = max(1, batch_size // data.chunk_rows)
+    buffers = PoolBuffers.like(data.sources[0], chunks_per_read * data.chunk_rows)
     remaining = max_rows if max_rows is not None else int(keep.sum())
     for first in range(0, len(chunks), chunks_per_read):
-        rows = read_rows(data, chunks[first : first + chunks_per_read], keep, rng=None)[:remaining]
+        rows = read_rows(data, chunks[first : first + chunks_per_read], keep, None, buffers)[:remaining]
         remaining -= len(rows)
         for start in range(0, len(rows), batch_size):
             yield rows[start : start + batch_size]

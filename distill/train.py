@@ -6,9 +6,12 @@ learning rate from the schedule, `accumulation` micro-batches forward and backwa
 clipping, an AdamW step; validation on held-out slides every eval_every steps, a checkpoint every
 checkpoint_every steps; at the end export, plots and report.
 
-Several GPUs of one node: run the same code under torchrun. Every rank reads the same global
-batches and trains on its own slice of each (so the global batch stays batch_size), DDP averages the
-gradients, and rank 0 alone validates and writes files.
+Several GPUs of one node: run the same code under torchrun. Each rank reads only its own pools of
+the epoch (BlockShuffleLoader) in batches of batch_size / world size, so the global batch stays
+batch_size; DDP averages the gradients, and rank 0 alone validates and writes files.
+
+The loop never waits on the device for a number: each step's losses stay on the device and are read
+(one host sync, one all-reduce) every log_every steps and at validation and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the r
 # was trained differently from what the config now says: it is refused, naming each difference, unless
 # accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
-CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "loader_workers", "runs"})
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs"})
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,6 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def shard(self, batch: Rows) -> Rows:
-        """This rank's contiguous slice of a global batch."""
-        per_rank = len(batch) // self.size
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def mean(self, values: Tensor) -> Tensor:
         if self.size > 1:
@@ -119,12 +117,21 @@ class Distiller(nn.Module):
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
-        images = self.student.preprocess(torch.from_numpy(batch.tiles))
-        targets = {t: self.standardizers[t](torch.from_numpy(y).to(device)) for t, y in batch.targets.items()}
+        images = self.student.preprocess(to_device(batch.tiles, device))
+        targets = {t: self.standardizers[t](to_device(y, device)) for t, y in batch.targets.items()}
         return images, targets
 
     def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts]:
         return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+
+
+def to_device(values: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on `device`. On CUDA through pinned memory and a non-blocking copy: torch's caching
+    host allocator keeps the pinned block until the copy has run, so the loop does not wait for it."""
+    tensor = torch.from_numpy(values)
+    if not torch.cuda.is_available():
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def run_distill(config: Config, resume: bool = False, accept_changes: bool = False) -> dict:
@@ -172,7 +179,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         }
     model = Distiller(student, heads, standardizers, settings).to(world.device)
     optimizer = make_optimizer(model, settings)
-    loader = training_loader(data, settings, checkpoint["loader"] if checkpoint else None)
+    loader = training_loader(data, settings, world, checkpoint["loader"] if checkpoint else None)
     step = 0
     if checkpoint:
         model.student.load_state_dict(checkpoint["student"])
@@ -194,36 +201,51 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         log.append({"kind": "eval", "step": step, "rows": rows, "val": scores})
 
     first_step, loop_started = step, time.perf_counter()
+    unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, losses on the device) not yet logged
+    stretch_started = loop_started
     with progress_bar() if world.is_main else nullcontext() as bar, closing(iter(loader)) as batches:
         task = bar.add_task("distill", total=settings.steps, completed=step, rate="") if bar else None
         if log and step == 0 and data.split.val:
             evaluate()
         while step < settings.steps:
-            clock = time.perf_counter()
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logged = torch.zeros(1 + len(data.widths) * len(heads.nested_dims), device=world.device)
+            slides = []
             for micro in range(settings.accumulation):
                 last = micro == settings.accumulation - 1
+                batch = next(batches)
+                slides.append(batch.slides)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
-                    loss, parts = forward_backward(training, model, world.shard(next(batches)), settings)
+                    loss, parts = forward_backward(training, model, batch, settings)
                 logged += torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
             optimizer_step(model, optimizer, settings)
             step += 1
-            total, *by_dim = world.mean(logged).tolist()
-            if not world.is_main:
+            unread.append((step, lr, len(np.unique(np.concatenate(slides))), logged))
+            validating = bool(data.split.val) and (step % settings.eval_every == 0 or step == settings.steps)
+            saving = step % settings.checkpoint_every == 0 or step == settings.steps
+            if bar:
+                bar.update(task, completed=step)
+            if not (validating or saving or step % settings.log_every == 0):
                 continue
-            samples_per_s = settings.batch_size * settings.accumulation / (time.perf_counter() - clock)
-            loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
-            for (teacher, m), value in zip(parts, by_dim):
-                loss_by_dim[teacher][str(m)] = value
-            log.append({"kind": "train", "step": step, "loss": total, "lr": lr, "samples_per_s": samples_per_s, "loss_by_dim": loss_by_dim})
-            bar.update(task, completed=step, rate=f"loss {total:.4f}, {samples_per_s:.0f} samples/s")
-            if data.split.val and (step % settings.eval_every == 0 or step == settings.steps):
-                evaluate()
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history))
+            values = world.mean(torch.stack([losses for *_, losses in unread])).tolist()  # the one host sync
+            samples_per_s = len(unread) * settings.batch_size * settings.accumulation / (time.perf_counter() - stretch_started)
+            if world.is_main:
+                for (logged_step, logged_lr, distinct, _), (total, *by_dim) in zip(unread, values):
+                    loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
+                    for (teacher, m), value in zip(parts, by_dim):
+                        loss_by_dim[teacher][str(m)] = value
+                    log.append({
+                        "kind": "train", "step": logged_step, "loss": total, "lr": logged_lr, "samples_per_s": samples_per_s,
+                        "slides": distinct, "loss_by_dim": loss_by_dim,
+                    })
+                bar.update(task, rate=f"loss {values[-1][0]:.4f}, {samples_per_s:.0f} samples/s")
+                if validating:
+                    evaluate()
+                if saving:
+                    save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history))
+            unread, stretch_started = [], time.perf_counter()
     trained_seconds = time.perf_counter() - loop_started
     world.close()
     if not world.is_main:
@@ -233,7 +255,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
     export_student(student, out_dir, export_meta(data, settings, history, final_val), standardizers, heads)
     speed = {
-        **measure_speeds(model, training_loader(data, settings), settings),
+        **measure_speeds(model, training_loader(data, settings, World(0, 1, world.device)), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
         "loader_workers": settings.loader_workers,
     }
@@ -257,6 +279,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "split": data.split.as_record(),
         "composition": data.composition(),
         "rows": {"train": loader.rows_per_epoch, "val": int(data.rows_of(data.split.val).sum())},
+        "loader": {"pool_chunks": settings.pool_chunks, "workers": settings.loader_workers, "slides_per_batch": loader.mix.as_record()},
         "steps": step,
         "resumed_from": first_step,
         "final_val": final_val,
@@ -304,9 +327,11 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
     return student
 
 
-def training_loader(data: DistillData, settings: DistillConfig, state: dict | None = None) -> BlockShuffleLoader:
+def training_loader(data: DistillData, settings: DistillConfig, world: World, state: dict | None = None) -> BlockShuffleLoader:
+    """This rank's loader: its own pools, in batches of its share of the global batch."""
     return BlockShuffleLoader(
-        data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, settings.seed, state
+        data, data.rows_of(data.split.train), settings.batch_size // world.size, settings.pool_chunks, settings.loader_workers,
+        settings.seed, state, world.rank, world.size,
     )
 
 

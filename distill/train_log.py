@@ -1,9 +1,11 @@
 """What a distillation run records in RUN/student/: metrics.jsonl, plots/ and report.md.
 
 metrics.jsonl holds one JSON record per line:
-  {"kind": "train", "step", "loss", "lr", "samples_per_s", "loss_by_dim": {teacher: {m: loss}}}
+  {"kind": "train", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim": {teacher: {m: loss}}}
   {"kind": "eval", "step", "rows", "val": {teacher: {m: {"cos": .., "r2": ..}}}}
 Validation is measured on standardized targets (the space the loss works in), see train.validate.
+`slides` is how many distinct slides the step's batch held (rank 0's share under DDP); `samples_per_s`
+is measured over the stretch of steps since the losses were last read from the device (log_every).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def write_report(path: Path, summary: dict) -> None:
         *(f"- {line}" for line in summary["data"]),
         f"- train: {summary['rows']['train']} rows of {', '.join(s['name'] for s in summary['split']['train'])}",
         f"- validation: {summary['rows']['val']} rows of {', '.join(s['name'] for s in summary['split']['val']) or 'no slide'}",
+        f"- batch mix: {describe_mix(summary['loader'])}",
         "",
         "## Final validation (held-out slides; cosine / R^2 on standardized targets)",
         "",
@@ -126,6 +129,12 @@ def write_report(path: Path, summary: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def describe_mix(loader: dict) -> str:
+    """How many distinct slides the training batches held, and the pool size that bought it."""
+    mix = loader["slides_per_batch"]
+    return f"{mix['mean']:.1f} distinct slides per batch on average, {mix['min']} at least (pools of {loader['pool_chunks']} chunks, {mix['batches']} batches)"
+
+
 def describe_changes(changed: dict[str, list]) -> str:
     """A settings-history stretch's changes, as `key before -> now, ...`."""
     return ", ".join(f"{key} {before!r} -> {value!r}" for key, (before, value) in changed.items())
@@ -147,5 +156,5 @@ def print_summary(summary: dict) -> None:
         ))
     results.print(
         f"{summary['steps']} steps in {summary['wall_seconds']:.0f} s; samples/s: loader {speed['loader']:.0f}, "
-        f"step {speed['step']:.1f}, training {speed['training']:.1f}; report: {summary['student_dir']}/report.md"
+        f"step {speed['step']:.1f}, training {speed['training']:.1f}; {describe_mix(summary['loader'])}; report: {summary['student_dir']}/report.md"
     )

@@ -118,7 +118,8 @@ class DistillConfig(Strict):
     val_rows: int | None = Field(2048, gt=0, description="validation rows evaluated, from evenly spaced chunks of the held-out slides (none: all)")
     eval_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(100, gt=0)
-    pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together")
+    log_every: int = Field(10, gt=0, description="steps between reads of the losses from the device (one host sync each); every step is still logged")
+    pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together: more chunks, more slides per batch, more memory per reading thread")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
 
 

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.config import Config, StoreConfig
 from pipeline.errors import PathdistillError
@@ -433,11 +434,15 @@ class UnitReader:
         """Store.reading for this array: for reads made by other means (Dask)."""
         return self.store.reading(self.name, start, end, self.stage)
 
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Rows [start, end), checked."""
+    def read(self, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, end), checked; decoded into `out` (of end - start rows) when given, so a reader
+        that reuses its buffers allocates nothing per read."""
         self._require_units(set(range(start // self.unit_rows, (end - 1) // self.unit_rows + 1)))
         with self.reading(start, end):
-            return self.array[start:end]
+            if out is None:
+                return self.array[start:end]
+            self.array.get_basic_selection(slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+            return out
 
     def _require_units(self, units: set[int]) -> None:
         unchecked = units - self.intact

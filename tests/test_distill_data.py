@@ -103,12 +103,46 @@ def test_a_loader_built_from_a_saved_state_yields_the_same_next_batches(data):
     for _ in range(23):  # past the first epoch (297 rows) and into the middle of a pool
         next(batches)
     state = first.state_dict()
-    assert state == {"epoch": 1, "position": 23 * 16 - 297}
+    assert state == {"rows": 23 * 16, "world_size": 1}
     expected = [next(batches) for _ in range(25)]
     resumed = islice(loader(data, workers=1, state=state), 25)
     for a, b in zip(expected, resumed, strict=True):
         assert np.array_equal(a.rows, b.rows) and np.array_equal(a.tiles, b.tiles)
         assert all(np.array_equal(a.targets[t], b.targets[t]) for t in a.targets)
+
+
+def rank_loader(data: DistillData, rank: int, state: dict | None = None) -> BlockShuffleLoader:
+    return BlockShuffleLoader(data, data.rows_of(data.split.train), 8, pool_chunks=3, workers=1, seed=7, state=state, rank=rank, world=2)
+
+
+def test_ddp_ranks_read_disjoint_pools_whose_union_is_the_epoch_and_resume_exactly(data):
+    single = loader(data, workers=0)
+    ranks = [rank_loader(data, rank) for rank in (0, 1)]
+    own = [np.concatenate([single.epoch_pools(0)[i][1] for i in range(rank, len(single.epoch_pools(0)), 2)]) for rank in (0, 1)]
+    assert [np.concatenate([c for _, c in r.epoch_pools(0)]).tolist() for r in ranks] == [o.tolist() for o in own]
+    rows_of = [int(r.rows_in_chunk[o].sum()) for r, o in zip(ranks, own)]
+    first_epoch = [stream(iter(r), n) for r, n in zip(ranks, rows_of)]
+    assert not set(first_epoch[0].tolist()) & set(first_epoch[1].tolist())
+    assert np.array_equal(np.sort(np.concatenate(first_epoch)), np.sort(stream(single, single.rows_per_epoch)))
+    for rank in (0, 1):  # into the second epoch of the rank, mid pool
+        batches = iter(rank_loader(data, rank))
+        for _ in range(21):
+            next(batches)
+        state = {"rows": 21 * 8, "world_size": 2}
+        expected = [next(batches) for _ in range(6)]
+        for a, b in zip(expected, islice(rank_loader(data, rank, state), 6), strict=True):
+            assert np.array_equal(a.rows, b.rows) and np.array_equal(a.tiles, b.tiles) and np.array_equal(a.views, b.views)
+    with pytest.raises(ConfigError, match=r"saved by a run of 2 process\(es\); resume it with that many, not 1"):
+        loader(data, state={"rows": 8, "world_size": 2})
+
+
+def test_the_loader_reports_how_many_slides_its_batches_mix(data):
+    few, many = loader(data, workers=0), BlockShuffleLoader(data, data.rows_of(data.split.train), 16, pool_chunks=12, workers=0, seed=7)
+    for each in (few, many):
+        for batch in islice(each, 12):
+            assert each.mix.least <= len(np.unique(batch.slides))
+    assert few.mix.as_record()["batches"] == 12 and 1 <= few.mix.as_record()["min"] <= few.mix.as_record()["mean"] <= 3
+    assert many.mix.as_record()["mean"] > few.mix.as_record()["mean"]  # larger pools, more slides per batch
 
 
 def test_each_sample_shows_the_view_its_targets_were_computed_on(tmp_path, he_pixels):
