@@ -212,7 +212,8 @@ def test_inspect_store_reads_and_verifies_without_writing(tmp_path, real_svs):
     assert described["schema"] == "pathdistill.tiles/3" and described["verify"]["ok"]
     assert described["slides"][0]["mpp_source"] == "openslide.mpp-x"
     assert described["arrays"]["tiles"]["shards"] == [32, 224, 224, 3]
-    assert "crc32c" in described["arrays"]["tiles"]["codecs"]
+    assert described["arrays"]["tiles"]["codecs"] == ["jpeg-q90-4:4:4", "crc32c"]
+    assert described["tiles_on_disk"].startswith("tiles stored as JPEG q90 4:4:4: ") and described["arrays"]["tiles"]["stored_bytes_per_row"] > 0
     assert described["units"]["marked_done"] == described["units"]["total"]
     human = inspect()
     assert human.returncode == 0 and "cmu_small_region" in human.stdout + human.stderr
