@@ -571,10 +571,10 @@ def open_feature_store(path: Path, tiles: Store[TileStoreAttrs] | None = None) -
     if features.attrs.n_rows != tiles.attrs.n_rows:
         raise StoreError(f"{path} has {features.attrs.n_rows} rows but the tile store has {tiles.attrs.n_rows}; rerun features")
     decoded_with = features.attrs.versions.get("jpeg-decoder")
-    if tiles.attrs.tiling.store["tile_codec"] == "jpeg" and decoded_with != DECODER:
+    if isinstance(tiles["tiles"].serializer, JpegTileCodec) and decoded_with != DECODER:
         raise StoreError(
             f"{path} holds features of JPEG tiles decoded by {decoded_with!r}, but this process decodes them with {DECODER!r}, "
-            "so the pixels read now need not be the ones the teacher saw; install the imagecodecs that computed them, or rerun features"
+            "so the pixels read now need not be the ones the teacher saw; install the imagecodecs that computed them, or rerun `features --overwrite`"
         )
     return features
 

@@ -8,7 +8,7 @@ tiles' JPEGs; the crc32c codec after it checksums the whole chunk as it does for
 
 Exactness: the teachers are fed the *decoded stored* pixels, and the student is shown the same
 ones, so both must decode alike. One decoder is used everywhere (libjpeg-turbo through
-``imagecodecs.jpeg8_decode``, its default accurate integer IDCT): the same bytes give the same pixels.
+``imagecodecs.jpeg8_decode``, default settings): the same bytes give the same pixels.
 Its version is recorded with every store (``DECODER``, in the attrs' ``versions``), and feature
 stores of a JPEG tile store are refused when read with another decoder version (``pipeline/stores.py``).
 

@@ -117,7 +117,7 @@ def test_features_decoded_with_another_jpeg_decoder_are_refused(tmp_path, he_pix
     tiles = open_tile_store(tmp_path / "tiles.zarr")
     group = zarr.open_group(str(tmp_path / "features" / "alpha.zarr"), mode="r+")
     group.attrs["versions"] = {**group.attrs["versions"], "jpeg-decoder": "imagecodecs 2020.1.1, libjpeg_turbo 2.0.0/8.0"}
-    with pytest.raises(StoreError, match=r"decoded by 'imagecodecs 2020.1.1.*but this process decodes them with .*install the imagecodecs that computed them, or rerun features"):
+    with pytest.raises(StoreError, match=r"decoded by 'imagecodecs 2020.1.1.*but this process decodes them with .*install the imagecodecs that computed them, or rerun `features --overwrite`"):
         open_feature_store(tmp_path / "features" / "alpha.zarr", tiles)
     assert run["tile_attrs"].tiling.store["tile_codec"] == "jpeg"
 
