@@ -158,7 +158,7 @@ def evaluate(
 
 @app.command("teachers")
 def list_teachers(as_json: JsonOption = False) -> None:
-    """The teacher registry: name, parameters, embedding widths, recipes, mpp, source."""
+    """The teacher registry: name, parameters, embedding widths, recipes, published scale (tile px at mpp), source."""
     from pipeline.console import results, table
     from pipeline.teachers import describe_teachers
 
@@ -166,10 +166,10 @@ def list_teachers(as_json: JsonOption = False) -> None:
     if as_json:
         print(json.dumps(entries, indent=2))
         return
-    results.print(table("teachers", ["name", "params", "widths", "mpp", "source"], [
+    results.print(table("teachers", ["name", "params", "widths", "published tile", "source"], [
         [
             e["name"] + (" (random stand-in)" if e["stand_in"] else ""), f"{e['params'] / 1e6:.1f}M",
-            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), str(e["mpp"]), e["source"],
+            ", ".join(f"{r} {w}" for r, w in e["widths"].items()), f"{e['field_px']} px at {e['mpp']} um/px", e["source"],
         ]
         for e in entries
     ]))

@@ -41,6 +41,10 @@ class StudentAtWidth:
     def widths(self) -> dict[str, int]:
         return {RECIPE: self.dim}
 
+    @property
+    def field_px(self) -> int:
+        return self.record["input_px"]  # the tile it was trained on; embed_tile_store refuses stores of other tiles
+
     def embed(self, tiles_uint8_nhwc: Tensor) -> dict[str, Tensor]:
         with torch.inference_mode():
             return {RECIPE: self.student.embed(self.student.preprocess(tiles_uint8_nhwc), dim=self.dim)}

@@ -75,6 +75,7 @@ class RayConfig(Strict):
 class FeaturesConfig(Strict):
     teachers: list[str] = Field(default_factory=lambda: ["demo-vit", "demo-convnet"], description="registry names")
     weights: dict[str, str] = Field(default_factory=dict, description="teacher -> local weights file, replacing its source")
+    off_scale: list[str] = Field(default_factory=list, description="teachers allowed to run at the tile store's mpp when it is not the one they were published at (recorded in the feature store's provenance)")
     views: list[str] = Field(default_factory=lambda: ["identity"], description="identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270, 'dihedral' (all 8), or crop:DX,DY (needs tiling.context_px)")
     batch_size: int = Field(32, gt=0, description="tiles per forward pass")
     pools: list[list[str]] | None = Field(None, description="teacher groups given separate actor pools (when they do not fit on one device together); none: one pool")

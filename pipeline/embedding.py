@@ -2,8 +2,9 @@
 
 The ``features`` stage runs teachers through it and ``embed`` runs an exported student through it,
 so both get the same guarantees. Ray actors each build every embedder of their pool once, then take
-whole units (the tile store's shards of rows): a unit's tiles are read and decoded once and fed to
-each embedder, which applies its own resize and normalisation. Each embedder's rows go to its own
+whole units (the tile store's shards of rows): a unit's tiles are read and decoded once, and each
+embedder is given its field (``field_px``, centred on each view's tile; pipeline/teacher_input.py)
+and applies its own resize and normalisation. Each embedder's rows go to its own
 store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
 write, so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
 retried; a unit is recomputed whole, so retries and reruns write identical bytes.
@@ -49,6 +50,7 @@ class Embedder(Protocol):
 
     widths: dict[str, int]  # recipe -> width
     device: object
+    field_px: int  # px: the square it takes, cut centred on each view's tile from the stored pixels
 
     def embed(self, tiles_uint8_nhwc) -> dict: ...
 
@@ -86,13 +88,13 @@ class EmbedWorker:
     the error itself (so a missing weights file reaches the user as one line), but an error raised in an
     actor's ``__init__`` only as "the actor died"."""
 
-    def __init__(self, tile_store: str, builders: dict[str, Callable[[str], Embedder]], settings: ActorSettings, views: list[dict], tile_px: int):
+    def __init__(self, tile_store: str, builders: dict[str, Callable[[str], Embedder]], settings: ActorSettings, views: list[dict]):
         import torch
 
         torch.set_num_threads(settings.threads_per_actor)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.tiles = UnitReader(open_tile_store(Path(tile_store)), "tiles", "tiles")
-        self.builders, self.settings, self.views, self.tile_px = builders, settings, views, tile_px
+        self.builders, self.settings, self.views = builders, settings, views
 
     @functools.cached_property
     def embedders(self) -> dict[str, Embedder]:
@@ -114,13 +116,16 @@ class EmbedWorker:
             for name in outputs
         }
         batch_size = self.settings.batch_size
+        fields = {self.embedders[name].field_px for name in outputs}  # each cut once, for every embedder taking it
         for view_index, view in enumerate(self.views):
             for first in range(0, end - start, batch_size):
                 clock = time.perf_counter()
-                batch = torch.from_numpy(np.ascontiguousarray(apply_view(pixels[first : first + batch_size], view, self.tile_px)))
+                block = pixels[first : first + batch_size]
+                batches = {px: torch.from_numpy(np.ascontiguousarray(apply_view(block, view, px))) for px in fields}
                 timings["transform"] += time.perf_counter() - clock
                 for name in outputs:
                     embedder = self.embedders[name]
+                    batch = batches[embedder.field_px]
                     clock = time.perf_counter()
                     embedded = embedder.embed(batch.to(embedder.device))
                     timings[f"forward:{name}"] += time.perf_counter() - clock
@@ -150,7 +155,7 @@ def embed_pool(
     units = tiles.units()
     actor_count = settings.actors or _default_actor_count(settings)
     worker_class = ray.remote(num_cpus=settings.threads_per_actor, num_gpus=settings.gpus_per_actor, max_restarts=3, max_task_retries=3)(EmbedWorker)
-    workers = [worker_class.remote(str(tiles.path), builders, settings, views, tiles.attrs.tiling.tile_px) for _ in range(actor_count)]
+    workers = [worker_class.remote(str(tiles.path), builders, settings, views) for _ in range(actor_count)]
     provenance = ray.get(workers[0].provenance.remote())
     outputs, missing = {}, {}
     for name, path in out_paths.items():

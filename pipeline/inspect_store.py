@@ -178,6 +178,10 @@ def print_description(description: dict) -> None:
         stand_in = " [yellow](random stand-in)[/yellow]" if teacher.get("stand_in") else ""
         out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}")
         out.print(f"  input {teacher['input_px']} px ({teacher['resize']}), mean {teacher['mean']}, std {teacher['std']}, precision {teacher['precision']}, target mpp {teacher['target_mpp']}")
+        if "input" in teacher:  # how the features stage cut its input (pipeline/teacher_input.py)
+            given = teacher["input"]
+            scale = "[red]off its published scale (features.off_scale)[/red]" if given["off_scale"] else "its published scale"
+            out.print(f"  given {given['field_px']} px fields at {given['store_mpp']} um/px from {given['stored_px']} px stored tiles; published at {given['published_mpp']} um/px: {scale}", soft_wrap=True)
         out.print("views: " + ", ".join(describe_view(view) for view in description["views"]))
         out.print(f"tile store: {description['tile_store']['path']} {description['tile_store']['status']}")
         out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [

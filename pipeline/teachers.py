@@ -2,7 +2,8 @@
 
 A spec carries everything that decides a teacher's embedding, so it doubles as provenance
 (``to_json``): where the weights come from, the timm architecture and kwargs, the teacher's own
-resize / crop / normalisation, which tokens each recipe pools, target mpp and autocast precision.
+resize / crop / normalisation, which tokens each recipe pools, the scale it was published at (``target_mpp``
+and ``field_px``: the tile its published transform takes) and autocast precision.
 Real entries follow each model card and the public pipelines that load the model (TRIDENT, eva), model card
 first; each entry's ``notes`` says where sources disagree and what we follow.
 
@@ -55,7 +56,10 @@ class TeacherSpec:
     """Everything that decides a teacher's embedding.
 
     ``params`` (None for stand-ins) and ``widths`` are the published figures; widths are checked against
-    the built architecture, so the feature store can size its arrays from the spec alone.
+    the built architecture, so the feature store can size its arrays from the spec alone. ``target_mpp``
+    and ``field_px`` are the published scale: the teacher's transform (resize, crop) was published for
+    tiles of ``field_px`` pixels at ``target_mpp``; ``field_px`` defaults to ``resize_px``, the tile the
+    published resize leaves as it is. pipeline/teacher_input.py holds a tile store to that scale.
     """
 
     name: str
@@ -71,6 +75,7 @@ class TeacherSpec:
     recipes: dict[str, str]
     widths: dict[str, int]
     target_mpp: float = 0.5
+    field_px: int | None = None
     precision: str
     params: int | None = None
     stand_in: bool = False
@@ -91,6 +96,8 @@ class TeacherSpec:
                 self.resize_px == self.input_px if self.resize == "resize" else self.resize_px >= self.input_px,
             f"interpolation {self.interpolation!r} must be a torchvision InterpolationMode":
                 self.interpolation in {mode.value for mode in InterpolationMode},
+            f"field_px {self.field_px} must be a positive number of pixels": self.field_px is None or self.field_px > 0,
+            f"target_mpp {self.target_mpp} must be positive": self.target_mpp > 0,
             f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
             f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
@@ -98,6 +105,8 @@ class TeacherSpec:
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
             raise ValueError(f"teacher spec {self.name!r}: " + "; ".join(problems))
+        if self.field_px is None:
+            object.__setattr__(self, "field_px", self.resize_px)  # recorded resolved, so provenance says what ran
 
     def to_json(self) -> dict:
         """The full spec as a JSON-serialisable dict, for the feature store's provenance."""
@@ -115,11 +124,14 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=IMAGENET_DEFAULT_STD,
         recipes={"cls": "cls"},
         widths={"cls": 1024},
+        field_px=224,
         precision="fp16",
         params=303_000_000,
         notes="ViT-L/16. Loader kwargs and Resize 224 + CenterCrop 224 (torchvision default bilinear) from "
               "mahmoodlab/UNI get_encoder.py and TRIDENT; CLS. No source read states a precision for UNI's "
-              "card; fp16 follows TRIDENT (same lab).",
+              "card; fp16 follows TRIDENT (same lab). Scale: 224 px at 0.5 um/px (20x, slide2vec), on which the card's "
+              "transform is a no-op; the paper tiles 256 and 512 px at 20x for DINOv2's crops, and TRIDENT reads "
+              "256 px at 20x and resizes them to 224 (0.571 um/px): a spec with field_px 256 reproduces that.",
     ),
     TeacherSpec(
         name="uni2-h",
@@ -133,10 +145,11 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=IMAGENET_DEFAULT_STD,
         recipes={"cls": "cls"},
         widths={"cls": 1536},
+        field_px=224,
         precision="bf16",
         params=681_000_000,
         notes="ViT-H/14 with 8 registers; kwargs verbatim from the UNI README, Resize 224 + CenterCrop 224, "
-              "CLS. Precision disagrees: TRIDENT bf16, slide2vec fp16; we follow TRIDENT (same lab as UNI).",
+              "CLS. Precision disagrees: TRIDENT bf16, slide2vec fp16; we follow TRIDENT (same lab as UNI). Scale as UNI's: 224 px at 0.5 um/px.",
     ),
     TeacherSpec(
         name="virchow2",
@@ -149,13 +162,15 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=IMAGENET_DEFAULT_STD,
         recipes={"cls": "cls", "cls_mean": "cls_mean"},
         widths={"cls": 1280, "cls_mean": 2560},
+        field_px=224,
         precision="fp16",
         params=631_000_000,
         notes="ViT-H/14 with 4 registers (arch as in TRIDENT's local build; the card loads hf-hub with "
               "SwiGLUPacked/SiLU). Card: timm data config (224 px, bicubic), fp16 autocast, CLS concatenated "
               "with the mean of the patch tokens after the 5 prefix tokens (2560); TRIDENT and slide2vec agree, "
               "STAMP and eva default to CLS only (1280). We cache both. TRIDENT resizes without a crop: the same "
-              "on square tiles.",
+              "on square tiles. Scale: 224 px at 20x (0.5 um/px) as in TRIDENT; trained on mixed magnifications "
+              "(https://arxiv.org/abs/2408.00738), so off_scale runs at 0.25-2 um/px are defensible.",
     ),
     *(TeacherSpec(
         name=name,
@@ -167,13 +182,14 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=HOPTIMUS_STD,
         recipes={"cls": "cls"},
         widths={"cls": 1536},
+        field_px=224,
         precision="fp16",
         params=1_130_000_000,
         notes="ViT-g/14, 4 registers, 40 blocks (bioptimus/releases README). Card: init_values 1e-5, "
               "dynamic_img_size False (TRIDENT and eva pass True: no difference at 224 px), fp16 autocast, "
               "H-optimus mean/std, CLS. The card feeds 224 px tiles with no resize, so our resize is a no-op "
               "at 224 px; for other sizes we follow slide2vec (bicubic resize + centre crop). H-optimus-1 "
-              "uses H-optimus-0's recipe in every source read.",
+              "uses H-optimus-0's recipe in every source read. Scale: the card's 224 px tiles at 0.5 um/px.",
     ) for name, repo in (("h-optimus-0", "H-optimus-0"), ("h-optimus-1", "H-optimus-1"))),
     TeacherSpec(
         name="h0-mini",
@@ -185,6 +201,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=HOPTIMUS_STD,
         recipes={"cls": "cls", "cls_mean": "cls_mean"},
         widths={"cls": 768, "cls_mean": 1536},
+        field_px=224,
         precision="fp16",
         params=86_000_000,
         notes="ViT-B/14 with 4 registers distilled from H-optimus-0; card: hf-hub with SwiGLUPacked/SiLU, "
@@ -193,7 +210,7 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
               "5.33334 (SwiGLU hidden 2048, DINOv2's 2/3 rule) is inferred, not read: the hub config.json was "
               "not retrievable; it reproduces the published ~86M parameters, while timm's default ratio 4 "
               "with SwiGLUPacked would give 71.6M. Mean/std: H-optimus values as in the authors' plismbench; "
-              "one third-party repo used ImageNet stats.",
+              "one third-party repo used ImageNet stats. Scale: 224 px at 0.5 um/px, as its teacher's.",
     ),
     TeacherSpec(
         name="prov-gigapath",
@@ -207,12 +224,16 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=IMAGENET_DEFAULT_STD,
         recipes={"cls": "cls"},
         widths={"cls": 1536},
+        field_px=256,
         precision="fp16",
         params=1_130_000_000,
         notes="ViT-g arch with 16 px patches, 40 blocks (hub config, as mirrored by TRIDENT's local build; "
               "needs timm>=1.0.3). README: Resize 256 bicubic + CenterCrop 224, ImageNet stats, CLS. fp16 "
-              "follows TRIDENT. TRIDENT and slide2vec read 256 px tiles at 0.5 mpp for it: a 224 px tile is "
-              "upscaled to 256 before the crop, which changes the effective magnification.",
+              "follows TRIDENT. Scale: 256 px tiles at 0.5 um/px (https://github.com/prov-gigapath/prov-gigapath/blob/main/gigapath/pipeline.py encodes tiles "
+              "named on a 256 px grid with that transform; TRIDENT's table and slide2vec's input_size 256 at "
+              "0.5 um/px agree), so it sees their central 224 px: with 224 px student tiles the store needs "
+              "tiling.context_px 16 (pipeline/teacher_input.py). Upscaling a 224 px tile to 256 instead would "
+              "show it 0.4375 um/px.",
     ),
     TeacherSpec(
         name="demo-vit",
@@ -240,10 +261,11 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         std=HOPTIMUS_STD,
         recipes={"mean": "mean"},
         widths={"mean": 320},
+        field_px=224,
         precision="bf16",
         stand_in=True,
         notes="Stand-in with seeded random weights, not a pathology model: demos and tests only. A CNN family "
-              "(global average pool) with a resize-then-crop input, like Prov-GigaPath's.",
+              "(global average pool) whose transform upscales its 224 px field to 256 and crops the central 224.",
     ),
 )}
 
@@ -281,6 +303,7 @@ def describe_teachers() -> list[dict]:
             "widths": dict(spec.widths),
             "recipes": dict(spec.recipes),
             "mpp": spec.target_mpp,
+            "field_px": spec.field_px,
             "source": spec.source,
             "stand_in": spec.stand_in,
         }
@@ -290,23 +313,32 @@ def describe_teachers() -> list[dict]:
 
 @dataclass(frozen=True)
 class LoadedTeacher:
-    """A built teacher: frozen module, its spec, and the content hash of the weights it runs."""
+    """A built teacher: frozen module, its spec, the content hash of the weights it runs and, in a
+    ``features`` run, the record of how its input is cut from the tile store (``TeacherInput``)."""
 
     module: nn.Module
     spec: TeacherSpec
     weights_sha256: str
     device: torch.device
+    input_record: dict | None = None
 
     @property
     def widths(self) -> dict[str, int]:
         return self.spec.widths
 
+    @property
+    def field_px(self) -> int:
+        """Side of the square, at the tiles' mpp, that ``embed`` takes: the published tile."""
+        return self.spec.field_px
+
     def provenance(self) -> dict:
-        """The spec and the hash of the weights: what a feature store records of its teacher."""
-        return {**self.spec.to_json(), "weights_sha256": self.weights_sha256}
+        """The spec, the hash of the weights and the input record: what a feature store records of its teacher."""
+        record = {**self.spec.to_json(), "weights_sha256": self.weights_sha256}
+        return record | {"input": self.input_record} if self.input_record else record
 
     def embed(self, batch_uint8_nhwc: Tensor) -> dict[str, Tensor]:
-        """Float32 ``[B, width]`` per recipe, from uint8 RGB tiles, with the teacher's own preprocessing."""
+        """Float32 ``[B, width]`` per recipe, from uint8 RGB fields of ``field_px`` at the teacher's mpp,
+        with the teacher's own preprocessing."""
         return self.forward(self.preprocess(batch_uint8_nhwc))
 
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
@@ -339,9 +371,10 @@ class LoadedTeacher:
 
 
 def build_teacher(
-    spec: TeacherSpec | str, device: str | torch.device = "cpu", weights: str | None = None
+    spec: TeacherSpec | str, device: str | torch.device = "cpu", weights: str | None = None, input_record: dict | None = None,
 ) -> LoadedTeacher:
-    """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``."""
+    """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``;
+    ``input_record`` (how a features run cuts its input) is carried into its provenance."""
     spec = get_teacher(spec) if isinstance(spec, str) else spec
     source = parse_source(weights or spec.source)
     module, weights_sha256 = build_strict(
@@ -349,7 +382,7 @@ def build_teacher(
     )
     _check_recipes(module, spec)
     module = module.eval().requires_grad_(False).to(device)
-    return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device))
+    return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device), input_record=input_record)
 
 
 def _timm_kwargs(spec: TeacherSpec) -> dict:

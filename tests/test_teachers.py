@@ -104,6 +104,10 @@ def test_spec_rejects_inconsistent_entries():
         dataclasses.replace(demo, widths={"cls": 192})
     with pytest.raises(ValueError, match="'demo-vit': weight source 'random:x'"):
         dataclasses.replace(demo, source="random:x")
+    with pytest.raises(ValueError, match="field_px 0 must be a positive"):
+        dataclasses.replace(demo, field_px=0)
+    unset = {key: value for key, value in demo.to_json().items() if key != "field_px"}
+    assert TeacherSpec(**{**unset, "resize": "resize_center_crop", "resize_px": 256}).field_px == 256  # the tile its resize keeps
 
 
 def test_stand_ins_are_deterministic(demo_vit):
@@ -203,6 +207,7 @@ def test_describe_lists_every_teacher_with_labels(demo_vit):
     assert rows["demo-vit"]["stand_in"] and rows["demo-vit"]["params_source"] == "counted"
     assert rows["demo-vit"]["params"] == sum(p.numel() for p in demo_vit.module.parameters())
     assert not rows["uni"]["stand_in"] and rows["uni"]["params_source"] == "published"
+    assert (rows["prov-gigapath"]["field_px"], rows["prov-gigapath"]["mpp"]) == (256, 0.5) and rows["uni"]["field_px"] == 224
 
 
 # The hub runs in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE at import,

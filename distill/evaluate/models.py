@@ -6,8 +6,10 @@
 
 An image reaches a model as the model's field of view: the centred square of ``tile_px`` pixels at
 the model's mpp, cut from the image at the image's mpp and resampled to ``tile_px`` (area filter
-down, bicubic up). An image smaller than that field is used whole and so is seen at another mpp;
-the mpp each item was seen at is kept with its embedding.
+down, bicubic up). For the student that is the tile it was distilled on; for a teacher its published
+tile (``TeacherSpec.field_px``, the rule of pipeline/teacher_input.py), so Prov-GigaPath gets 256 px at
+0.5 um/px and crops the central 224 as published. An image smaller than that field is used whole and
+so is seen at another mpp; the mpp each item was seen at is kept with its embedding.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class TeacherEmbedder:
         self.teacher = build_teacher(name, "cpu", weights)
         spec = self.teacher.spec
         self.name, self.stand_in = spec.name, spec.stand_in
-        self.mpp, self.tile_px = spec.target_mpp, spec.input_px
+        self.mpp, self.tile_px = spec.target_mpp, spec.field_px
         self.widths = {recipe: [width] for recipe, width in spec.widths.items()}
         self.identity = hashlib.sha256(json.dumps(self.teacher.provenance(), sort_keys=True).encode()).hexdigest()
 

@@ -1,9 +1,10 @@
 """The ``features`` stage: ``RUN/tiles.zarr`` + teachers -> ``RUN/features/<teacher>.zarr``, on Ray.
 
 Ray actors each load every teacher of their pool once, then take whole units (the tile store's
-shards of rows): a unit's tiles are read and decoded once and fed to each teacher, which applies
-its own resize and normalisation. Each teacher's rows go to its own store; a marker per store and
-unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
+shards of rows): a unit's tiles are read and decoded once and each teacher is given its published
+field of view at its published mpp (checked before any model is built: pipeline/teacher_input.py),
+to which it applies its own resize and normalisation. Each teacher's rows go to its own store; a
+marker per store and unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
 and its unit retried; a unit is recomputed whole, so retries and reruns write identical bytes.
 """
 
@@ -21,6 +22,7 @@ from pipeline.locks import exclusive
 from pipeline.ray_runtime import ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import RunDir, now, open_tile_store
+from pipeline.teacher_input import plan_teacher_inputs
 from pipeline.teachers import build_teacher, get_teacher
 from pipeline.views import expand_views
 
@@ -57,8 +59,9 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     started = time.perf_counter()
     settings = config.features
     names = teachers or settings.teachers
-    for name in names:
-        get_teacher(name)  # unknown names fail before any work, with the list of known teachers
+    specs = [get_teacher(name) for name in names]  # unknown names fail before any work, with the list of known teachers
+    for name in settings.off_scale:
+        get_teacher(name)
     pools = settings.pools or [names]
     if sorted(sum(pools, [])) != sorted(names):
         raise ConfigError(f"features.pools {pools} must hold each selected teacher ({names}) exactly once")
@@ -68,11 +71,15 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     units = tiles.units()
     tiling = tiles.attrs.tiling
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
+    inputs = plan_teacher_inputs(specs, tiling, views, settings.off_scale)  # each teacher at its published scale, before any model
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
     actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
-            builders = {name: functools.partial(build_teacher, name, weights=settings.weights.get(name)) for name in pool}
+            builders = {
+                name: functools.partial(build_teacher, name, weights=settings.weights.get(name), input_record=inputs[name].as_record())
+                for name in pool
+            }
             embed_pool(tiles, builders, {name: run.features(name) for name in pool}, views, actors, config.store, overwrite, summary)
     summary.seconds = time.perf_counter() - started
     append_stage_record(run.root, summary.as_record())
