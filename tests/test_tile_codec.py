@@ -104,7 +104,7 @@ def test_features_of_a_jpeg_store_are_the_teachers_forward_on_the_decoded_pixels
     tiles = open_tile_store(tmp_path / "tiles.zarr")
     threads = torch.get_num_threads()
     try:
-        worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY, 224)
+        worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY)
         out = tmp_path / "features" / f"{TEACHER}.zarr"
         store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], IDENTITY, StoreConfig(chunk_rows=8, shard_rows=8), overwrite=False)
         worker.run_unit(0, 0, 8, {TEACHER: (str(out), store_id)})
