@@ -35,7 +35,7 @@ def main() -> None:
     rows += features.measure(tiled_run, bare)
     inference_rows, real_teachers = inference.measure(args.quick)
     rows += loader.measure(tiled_run, work, args.quick, bare, real_teachers)
-    rows += stores.measure(tiled_run.run, args.quick)
+    rows += stores.measure(tiled_run.run, slides["cmu_small_region.svs"], work, args.quick)
     rows += inference_rows
     stages = ["tiles"] if args.quick else ["tiles", "features", "distill"]
     rows += memory.measure(slides["cmu_small_region.svs" if args.quick else "synthetic_40x_large.tiff"], work, stages, args.out / "plots")

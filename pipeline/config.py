@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.geometry import MPP_TOLERANCE
 from pipeline.errors import PathdistillError
+from pipeline.tile_codec import Subsampling
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -53,7 +54,10 @@ class TissueConfig(Strict):
 class StoreConfig(Strict):
     chunk_rows: int = Field(16, gt=0, description="tiles per chunk (the read unit)")
     shard_rows: int = Field(256, gt=0, description="tiles per shard (the write unit); a multiple of chunk_rows")
-    codec: Literal["zstd", "lz4"] = "zstd"
+    tile_codec: Literal["jpeg", "lossless"] = Field("jpeg", description="tiles: jpeg (one JPEG per tile, decoded pixels are the stored ones; bench figure 6) or lossless (Blosc `codec` at `clevel`)")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of tile_codec jpeg")
+    jpeg_subsampling: Subsampling = Field("4:4:4", description="JPEG chroma subsampling of tile_codec jpeg (4:2:0 costs H&E colour detail)")
+    codec: Literal["zstd", "lz4"] = Field("zstd", description="Blosc compressor of the lossless arrays (features, tile metadata, tiles when lossless)")
     clevel: int = Field(1, ge=0, le=9)
 
     @model_validator(mode="after")

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 from rich.markup import escape
+from zarr.codecs import BytesCodec
 
 from pipeline.console import progress_bar, results, table
 from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
+from pipeline.tile_codec import JpegTileCodec
 
 
 def directory_bytes(path: Path) -> int:
@@ -26,18 +28,30 @@ def describe_array(array: zarr.Array, path: Path) -> dict:
         "dtype": str(array.dtype),
         "chunks": list(array.chunks),
         "shards": list(array.shards) if array.shards else None,
-        "codecs": [codec_name(codec) for codec in array.compressors],
+        "codecs": [codec_name(codec) for codec in (*([] if isinstance(array.serializer, BytesCodec) else [array.serializer]), *array.compressors)],
         "bytes": int(array.nbytes),
         "stored_bytes": stored,
+        "stored_bytes_per_row": round(stored / array.shape[0], 1) if array.shape[0] else None,
         "compression_ratio": round(array.nbytes / stored, 2) if stored else None,
     }
 
 
 def codec_name(codec: object) -> str:
-    """Short codec names for tables: ``blosc-zstd-1``, ``crc32c``."""
+    """Short codec names for tables: ``blosc-zstd-1``, ``jpeg-q90-4:4:4``, ``crc32c``."""
     if hasattr(codec, "cname"):
         return f"blosc-{codec.cname.value}-{codec.clevel}"
+    if isinstance(codec, JpegTileCodec):
+        return f"jpeg-q{codec.quality}-{codec.subsampling}"
     return type(codec).__name__.removesuffix("Codec").lower()
+
+
+def tiles_on_disk(path: Path) -> str:
+    """One line on how a tile store's tiles are stored: codec and bytes per tile against raw pixels."""
+    store = open_tile_store(path)
+    tiles, settings = store["tiles"], store.attrs.tiling.store
+    codec = f"JPEG q{settings['jpeg_quality']} {settings['jpeg_subsampling']}" if settings["tile_codec"] == "jpeg" else f"lossless blosc-{settings['codec']}-{settings['clevel']}"
+    stored = directory_bytes(Path(path) / tiles.basename)
+    return f"tiles stored as {codec}: {stored / max(1, tiles.shape[0]) / 1024:.1f} KiB per tile ({tiles.nbytes / max(1, stored):.1f}x smaller than raw pixels)"
 
 
 def describe_store(path: Path, verify: bool = False) -> dict:
@@ -66,6 +80,7 @@ def describe_store(path: Path, verify: bool = False) -> dict:
         description["statistics"] = {name: feature_statistics(array, path, verify) for name, array in arrays.items()}
     else:
         description["tiling"] = attrs.tiling.to_dict()
+        description["tiles_on_disk"] = tiles_on_disk(path)
         description["slides"] = [slide.to_dict() for slide in attrs.slides]
     if verify:
         description["verify"] = verify_store(store)
@@ -148,6 +163,7 @@ def print_description(description: dict) -> None:
     if "tiling" in description:
         t = description["tiling"]
         out.print(f"tiling: {t['tile_px']} px at {t['target_mpp']} um/px, overlap {t['overlap_px']}, context {t['context_px']}, tolerance {t['mpp_tolerance']}, tissue >= {t['tissue']['min_fraction']} (mask at {t['tissue']['mask_mpp']} um/px)")
+        out.print(description["tiles_on_disk"])
         out.print(table("slides", ["id", "name", "mpp (source)", "dimensions", "read", "rows", "status"], [
             [
                 str(s["id"]), s["name"], f"{s['mpp']:.4f} ({s['mpp_source']})" if s.get("mpp") else "-",
@@ -178,8 +194,8 @@ def print_description(description: dict) -> None:
             if "unreadable" in stats:
                 out.print(f"[red]statistics of {name!r} unreadable[/red]: {escape(stats['unreadable'])}", soft_wrap=True)
     out.print(f"units: {description['units']['marked_done']}/{description['units']['total']} marked done")
-    out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "ratio"], [
-        [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", str(a["compression_ratio"])]
+    out.print(table("arrays", ["array", "shape", "dtype", "chunks", "shards", "codecs", "stored MiB", "KiB/row", "ratio"], [
+        [name, str(a["shape"]), a["dtype"], str(a["chunks"]), str(a["shards"]), ", ".join(a["codecs"]), f"{a['stored_bytes'] / 2**20:.2f}", f"{(a['stored_bytes_per_row'] or 0) / 1024:.2f}", str(a["compression_ratio"])]
         for name, a in description["arrays"].items()
     ]))
     if "verify" in description:

@@ -4,7 +4,8 @@ written and opened. The one module both halves of the project import for data.
 Layout rules (docs/design.md): arrays share the row axis; chunks hold whole rows (tiles) and are the read unit; shards
 group chunks and are the write unit; a work unit is one shard of rows, so each writer owns whole
 shards of every array and never races another. Every chunk carries a crc32c checksum, so a flipped
-byte on disk fails the read instead of passing silently.
+byte on disk fails the read instead of passing silently. Tiles are stored one JPEG per tile
+(``pipeline/tile_codec.py``, a Zarr codec) or lossless; either way the array reads as uint8 pixels.
 
 Attrs are typed: writers build a ``TileStoreAttrs`` or ``FeatureStoreAttrs`` and readers get one
 back from ``open_tile_store`` / ``open_feature_store``, which refuse a store of another schema or
@@ -48,10 +49,11 @@ from zarr.core.buffer import default_buffer_prototype
 from pipeline.config import Config, StoreConfig
 from pipeline.errors import PathdistillError
 from pipeline.files import write_text_atomically
+from pipeline.tile_codec import DECODER, READ_WITH, JpegTileCodec
 
-TILES_SCHEMA = "pathdistill.tiles/2"
+TILES_SCHEMA = "pathdistill.tiles/3"
 FEATURES_SCHEMA = "pathdistill.features/1"
-VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
+VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "imagecodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
 
 # Bits of the tile store's ``flags`` array.
 FLAG_READ_FAILED = 1  # the region could not be read; the tile is blank (zeros)
@@ -475,8 +477,17 @@ def compressors(store: StoreConfig, byte_shuffle: bool = False) -> list:
     return [BloscCodec(cname=store.codec, clevel=store.clevel, shuffle="shuffle" if byte_shuffle else "noshuffle"), Crc32cCodec()]
 
 
+def tile_encoding(store: StoreConfig) -> dict:
+    """The `tiles` array's codecs: one JPEG per tile then crc32c (pipeline/tile_codec.py), or lossless
+    Blosc like every other array; either way the array reads as uint8 pixels."""
+    if store.tile_codec == "jpeg":
+        return dict(serializer=JpegTileCodec(store.jpeg_quality, store.jpeg_subsampling), compressors=[Crc32cCodec()], attributes={"codec": READ_WITH})
+    return dict(compressors=compressors(store))
+
+
 def versions() -> dict[str, str]:
-    found = {}
+    """Package versions, and the JPEG decoder's (what the teachers' pixels were decoded with)."""
+    found = {"jpeg-decoder": DECODER}
     for package in VERSIONED_PACKAGES:
         try:
             found[package] = metadata.version(package)
@@ -507,12 +518,10 @@ def create_tile_store(path: Path, attrs: TileStoreAttrs, store: StoreConfig) -> 
         }
         for name, (shape, dtype, dims) in shape_of.items():
             if name == "tiles":
-                chunking = dict(chunks=(store.chunk_rows, *shape[1:]), shards=(rows, *shape[1:]))
+                layout = dict(chunks=(store.chunk_rows, *shape[1:]), shards=(rows, *shape[1:]), **tile_encoding(store))
             else:
-                chunking = dict(chunks=(rows, *shape[1:]))
-            group.create_array(
-                name, shape=shape, dtype=dtype, fill_value=0, compressors=compressors(store), dimension_names=dims, **chunking
-            )
+                layout = dict(chunks=(rows, *shape[1:]), compressors=compressors(store))
+            group.create_array(name, shape=shape, dtype=dtype, fill_value=0, dimension_names=dims, **layout)
         group.attrs.update(attrs.to_dict())
         return Store(Path(path), group, attrs)
 
@@ -566,6 +575,12 @@ def open_feature_store(path: Path, tiles: Store[TileStoreAttrs] | None = None) -
         raise StoreError(f"{path} was computed from tile store {found}, not from this one ({expected}); rerun features for this tile store")
     if features.attrs.n_rows != tiles.attrs.n_rows:
         raise StoreError(f"{path} has {features.attrs.n_rows} rows but the tile store has {tiles.attrs.n_rows}; rerun features")
+    decoded_with = features.attrs.versions.get("jpeg-decoder")
+    if isinstance(tiles["tiles"].serializer, JpegTileCodec) and decoded_with != DECODER:
+        raise StoreError(
+            f"{path} holds features of JPEG tiles decoded by {decoded_with!r}, but this process decodes them with {DECODER!r}, "
+            "so the pixels read now need not be the ones the teacher saw; install the imagecodecs that computed them, or rerun `features --overwrite`"
+        )
     return features
 
 

@@ -1,5 +1,6 @@
-"""A small run directory for the distiller tests: a real tile store cut from real H&E pixels and
-feature stores of synthetic teachers, written with the store module's own functions.
+"""A small run directory for the distiller tests: a real tile store cut from real H&E pixels (JPEG
+coded, the default) and feature stores of synthetic teachers of its decoded pixels, written with the
+store module's own functions.
 
 A synthetic teacher is a fixed random two-layer map of the tile's 4 x 4 grid of mean colours: it
 depends on where colours are, so every dihedral view and crop has its own target, and a small ViT
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+import zarr
 
 from pipeline.config import Config
 from pipeline.stores import (
@@ -82,6 +84,7 @@ def make_run(
         "tissue": np.ones(n_rows, np.float32), "flags": flags,
     })
     mark_all(tile_path, tile_attrs.store_id, n_rows)
+    tiles = zarr.open_array(str(tile_path / "tiles"), mode="r")[:]  # the decoded stored pixels: what every teacher sees
     view_records = expand_views(views or ["identity"], context_px, tile_px)
     targets = write_synthetic_features(run_dir, tiles, tile_attrs, view_records, teachers)
     return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}

@@ -187,8 +187,8 @@ def test_a_store_of_the_previous_schema_is_refused_until_overwrite(tmp_path, sli
     settings = config(tmp_path / "run", [slide])
     run_tiles(settings)
     store = tmp_path / "run" / "tiles.zarr"
-    zarr.open_group(str(store), mode="r+").attrs["schema"] = "pathdistill.tiles/1"
-    message = r"holds schema 'pathdistill.tiles/1', which this pathdistill does not read \(it reads 'pathdistill.tiles/2'\): rerun the stage that made it with --overwrite"
+    zarr.open_group(str(store), mode="r+").attrs["schema"] = "pathdistill.tiles/2"
+    message = r"holds schema 'pathdistill.tiles/2', which this pathdistill does not read \(it reads 'pathdistill.tiles/3'\): rerun the stage that made it with --overwrite"
     with pytest.raises(StoreError, match=message):
         run_tiles(settings)
     with pytest.raises(StoreError, match=message):

@@ -28,7 +28,7 @@ from distill_run import STUDENT, config_for, make_run, write_config as write_dis
 from feature_run import TEACHER, copy_tiles, settings, small_slide, write_config
 from pipeline.config import Config, DistillConfig
 from pipeline.embedding import ActorSettings, EmbedWorker, prepare_feature_store
-from pipeline.stores import FLAG_READ_FAILED, StoreError, open_feature_store, open_tile_store
+from pipeline.stores import FLAG_READ_FAILED, StoreDamaged, StoreError, UnitReader, open_feature_store, open_tile_store
 from pipeline.teachers import build_teacher
 from pipeline.tiles.stage import plan_tiles, run_tiles, write_tiles
 from test_cli_errors import assert_one_error_line, run_cli
@@ -156,7 +156,7 @@ def test_a_shard_lost_while_features_run_is_refused_by_the_unit_that_reads_it(ti
     config = Config.model_validate(copy_tiles(tiled, tmp_path / "run"))
     tiles = open_tile_store(config.run / "tiles.zarr")
     threads = torch.get_num_threads()
-    worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY, 224)
+    worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY)
     torch.set_num_threads(threads)
     out = config.run / "features" / f"{TEACHER}.zarr"
     store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], IDENTITY, config.store, overwrite=False)
@@ -252,6 +252,17 @@ def test_features_reports_a_corrupt_tile_chunk_in_one_line(tiled, tmp_path):
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))
     assert_reported_mid_run(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [16, 24)", "checksum", "inspect-store --verify", "unit-000002.json")
     assert not (tmp_path / "run" / "features" / f"{TEACHER}.zarr.progress" / "unit-000002.json").exists()
+
+
+def test_a_flipped_byte_inside_a_tiles_jpeg_is_refused_as_damage(made, tmp_path):
+    run = copy_run(made, tmp_path / "run")
+    tiles = open_tile_store(run / "tiles.zarr")
+    assert tiles.attrs.tiling.store["tile_codec"] == "jpeg"
+    flip_byte(run / "tiles.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0", 3000)  # inside a JPEG of rows 32-40
+    reader = UnitReader(tiles, "tiles", "tiles")
+    assert reader.read(40, 64).shape == (24, 64, 64, 3)  # the shard's other chunks still read
+    with pytest.raises(StoreDamaged, match=r"tiles.zarr: array 'tiles' rows \[32, 40\) cannot be read .*checksum.*inspect-store --verify"):
+        reader.read(32, 40)
 
 
 @pytest.mark.parametrize("condition", ["full", "read-only"])

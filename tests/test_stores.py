@@ -58,8 +58,8 @@ def test_other_versions_and_damaged_attrs_are_refused_with_the_fix(tmp_path):
     path = tmp_path / "tiles.zarr"
     small_tile_store(path)
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["schema"] = "pathdistill.tiles/1"
-    with pytest.raises(StoreError, match=r"schema 'pathdistill.tiles/1', which this pathdistill does not read \(it reads 'pathdistill.tiles/2'\): rerun the stage that made it with --overwrite"):
+    group.attrs["schema"] = "pathdistill.tiles/2"  # the lossless-only schema before the JPEG tile codec
+    with pytest.raises(StoreError, match=r"schema 'pathdistill.tiles/2', which this pathdistill does not read \(it reads 'pathdistill.tiles/3'\): rerun the stage that made it with --overwrite"):
         open_tile_store(path)
     group.attrs["schema"] = TILES_SCHEMA
     with pytest.raises(StoreError, match="expected 'pathdistill.features/1'"):

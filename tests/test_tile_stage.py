@@ -30,10 +30,10 @@ OTHER_TISSUE = np.s_[1900:2924, 800:1824]
 
 
 def config(run: Path, slides: list[Path], **tiling) -> Config:
-    min_fraction = tiling.pop("min_fraction", 0.25)
+    min_fraction, tile_codec = tiling.pop("min_fraction", 0.25), tiling.pop("tile_codec", "jpeg")
     return Config(
         run=run, slides=slides, tiling=TilingConfig(**tiling), tissue=TissueConfig(min_fraction=min_fraction),
-        store=StoreConfig(chunk_rows=8, shard_rows=32), ray=RayConfig(num_cpus=2),
+        store=StoreConfig(chunk_rows=8, shard_rows=32, tile_codec=tile_codec), ray=RayConfig(num_cpus=2),
     )
 
 
@@ -67,7 +67,7 @@ def test_lower_level_read_equals_level0_area_resize(tmp_path, slide_factory):
     """
     slide = slide_factory("pyramid.tiff", mpp=0.25, levels=3, quality=99)
     for target, factor in ((0.5, 2), (0.75, 3)):
-        summary = run_tiles(config(tmp_path / str(target), [slide], target_mpp=target, tile_px=128, min_fraction=0.0))
+        summary = run_tiles(config(tmp_path / str(target), [slide], target_mpp=target, tile_px=128, min_fraction=0.0, tile_codec="lossless"))
         record = summary.slides[0]
         assert record.read["level"] == 1 and record.read["resized"] == (target == 0.75)
         stored = arrays(tmp_path / str(target) / "tiles.zarr")
@@ -209,10 +209,11 @@ def test_inspect_store_reads_and_verifies_without_writing(tmp_path, real_svs):
         return subprocess.run([sys.executable, str(REPO / "cli.py"), "inspect-store", str(store), *flags], cwd=REPO, capture_output=True, text=True)
 
     described = json.loads(inspect("--json", "--verify").stdout)
-    assert described["schema"] == "pathdistill.tiles/2" and described["verify"]["ok"]
+    assert described["schema"] == "pathdistill.tiles/3" and described["verify"]["ok"]
     assert described["slides"][0]["mpp_source"] == "openslide.mpp-x"
     assert described["arrays"]["tiles"]["shards"] == [32, 224, 224, 3]
-    assert "crc32c" in described["arrays"]["tiles"]["codecs"]
+    assert described["arrays"]["tiles"]["codecs"] == ["jpeg-q90-4:4:4", "crc32c"]
+    assert described["tiles_on_disk"].startswith("tiles stored as JPEG q90 4:4:4: ") and described["arrays"]["tiles"]["stored_bytes_per_row"] > 0
     assert described["units"]["marked_done"] == described["units"]["total"]
     human = inspect()
     assert human.returncode == 0 and "cmu_small_region" in human.stdout + human.stderr

@@ -79,7 +79,8 @@ def build_demo_set(source_path: Path, path: Path) -> Path:
     temporary = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     chunk_rows = source["tiles"].chunks[0]
-    store = StoreConfig(chunk_rows=chunk_rows, shard_rows=chunk_rows * -(-len(rows_cat) // chunk_rows))
+    # Lossless: the rows are the source's decoded pixels, copied exactly (coding them again would change them).
+    store = StoreConfig(chunk_rows=chunk_rows, shard_rows=chunk_rows * -(-len(rows_cat) // chunk_rows), tile_codec="lossless")
     group = create_tile_store(temporary, attrs, store).group
     group.create_array("label", data=label_of_row[rows_cat].astype(np.int32), dimension_names=["row"])
     group.create_array("split", data=splits_cat.astype(np.uint8), dimension_names=["row"])

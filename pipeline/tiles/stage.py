@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import progress_bar, results, table
-from pipeline.inspect_store import describe_read
+from pipeline.inspect_store import describe_read, tiles_on_disk
 from pipeline.locks import exclusive
 from pipeline.ray_runtime import on_actors, ray_session
 from pipeline.run_report import append_stage_record
@@ -304,3 +304,5 @@ def print_summary(summary: TileSummary) -> None:
         f"{summary.read_failed_tiles} tiles blank after read errors; {summary.hashed_files} slide files hashed "
         f"({summary.hashed_bytes / 1e6:.0f} MB), the others' digests cached"
     )
+    if summary.n_rows:
+        results.print(tiles_on_disk(summary.store))
