@@ -35,6 +35,7 @@ from distill.data import BlockShuffleLoader, DistillData, open_distill_data
 from distill.pools import open_tensorstore
 from distill.train import run_distill
 from pipeline.config import Config, DistillConfig
+from pipeline.tile_codec import JpegTileCodec, decode_tile, encode_tile
 
 FIGURE_LOADER, FIGURE_CACHED = "3 loader", "4 cached vs online"
 
@@ -54,8 +55,24 @@ def loader_work(data: DistillData, samples: int, settings: DistillConfig, worker
     return consume
 
 
+class JpegChunks:
+    """A chunk of tiles as the JPEG tile codec stores it, in memory: one JPEG per tile, same encoder and decoder."""
+
+    def __init__(self, codec: JpegTileCodec):
+        self.codec = codec
+
+    def encode(self, tiles: np.ndarray) -> list[bytes]:
+        return [encode_tile(tile, self.codec.quality, self.codec.subsampling) for tile in tiles]
+
+    def decode(self, encoded: list[bytes]) -> list[np.ndarray]:
+        return [decode_tile(data) for data in encoded]
+
+
 def in_memory_codec(array: zarr.Array):
-    """The numcodecs codec that decodes what `array`'s compressor wrote (a new tile codec adds its decoder here)."""
+    """What decodes `array`'s chunks outside Zarr: the JPEG tile codec's own decoder, or the numcodecs
+    twin of its Blosc compressor (a new codec adds its decoder here)."""
+    if isinstance(array.serializer, JpegTileCodec):
+        return JpegChunks(array.serializer)
     codec = array.compressors[0]
     if isinstance(codec, BloscCodec):
         return Blosc(codec.cname.value, codec.clevel, {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}[codec.shuffle.value])
