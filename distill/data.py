@@ -12,8 +12,10 @@ random places of the store mixes slides in every batch.
 
 Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
 refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an
-error naming the store, array and rows. `slide` and `flags` are read whole at open, so they are
-checked whole at open; tiles and targets are checked unit by unit as the first epoch reaches them.
+error naming the store, array and rows; tiles and targets are checked unit by unit as the first epoch
+reaches them. Opening reads no per-row array: each row's slide comes from the slide records and the
+read-failed rows from the tile store's unit index (pipeline/stores.py), so a start at 10^8 rows does not
+read ~390k chunk files of `slide` and `flags`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import zarr
 
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
+from pipeline.stores import RunDir, SlideRecord, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
 from pipeline.views import apply_view
 
 
@@ -168,7 +170,6 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
                 f"{views_of[teacher]}); a student sample shows one view to every teacher: rerun features with the same views"
             )
     split = Split.of(tiles.attrs.slides, settings.val_slides)
-    n_rows = tiles.attrs.n_rows
     return DistillData(
         tile_path=run.tiles,
         tile_reader=UnitReader(tiles, "tiles", "tiles"),
@@ -178,8 +179,8 @@ def open_distill_data(run_dir: Path, settings: DistillConfig) -> DistillData:
         views=views_of[first],
         tiling=tiles.attrs.tiling,
         tile_store_id=tiles.attrs.store_id,
-        slide_of_row=UnitReader(tiles, "slide", "tiles").read(0, n_rows),
-        read_failed=(UnitReader(tiles, "flags", "tiles").read(0, n_rows) & FLAG_READ_FAILED).astype(bool),
+        slide_of_row=slide_of_row(tiles.attrs),
+        read_failed=read_failed_mask(tiles),
         split=split,
     )
 

@@ -5,7 +5,7 @@ so both get the same guarantees. Ray actors each build every embedder of their p
 whole units (the tile store's shards of rows): a unit's tiles are read and decoded once and fed to
 each embedder, which applies its own resize and normalisation. Each embedder's rows go to its own
 store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
-write, so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
+write (folded into the store's unit index by the driver), so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
 retried; a unit is recomputed whole, so retries and reruns write identical bytes.
 
 Tiles are never embedded from a damaged tile store: a pool starts only when every shard of the
@@ -162,6 +162,7 @@ def embed_pool(
     queue = [(unit, {n: outputs[n] for n in out_paths if unit in missing[n]}) for unit in range(len(units))]
     queue = [(unit, wanted) for unit, wanted in queue if wanted]
     summary.units_run += sum(len(wanted) for _, wanted in queue)
+    markers = [UnitMarkers(Path(path), store_id) for path, store_id in outputs.values()]
     pending: dict = {}  # ref -> the worker running it
 
     def feed_workers() -> None:
@@ -182,7 +183,11 @@ def embed_pool(
                 summary.timings[key] += seconds
             rate = summary.rows_done / (summary.units_seconds + time.perf_counter() - started)
             progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
+            for store_markers in markers:
+                store_markers.fold_if_due()
     summary.units_seconds += time.perf_counter() - started
+    for store_markers in markers:
+        store_markers.fold()
     for worker in workers:
         ray.kill(worker)
 

@@ -16,7 +16,7 @@ import yaml
 from pipeline.config import Config
 from pipeline.stores import (
     FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, SlideRecord, StoreConfig, Tiling, TileStoreAttrs, UnitMarkers,
-    create_feature_store, create_tile_store, unit_ranges, write_rows,
+    create_feature_store, create_tile_store, tile_unit_record, unit_ranges, write_rows,
 )
 from pipeline.views import apply_view, expand_views
 
@@ -80,7 +80,7 @@ def make_run(
         "tiles": tiles, "coords": np.zeros((n_rows, 2), np.int64), "slide": slide_of_row,
         "tissue": np.ones(n_rows, np.float32), "flags": flags,
     })
-    mark_all(tile_path, tile_attrs.store_id, n_rows)
+    mark_all(tile_path, tile_attrs.store_id, n_rows, flags)
     view_records = expand_views(views or ["identity"], context_px, tile_px)
     targets = {}
     for seed, (teacher, width) in enumerate(teachers.items()):
@@ -95,9 +95,11 @@ def make_run(
     return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}
 
 
-def mark_all(path: Path, store_id: str, n_rows: int) -> None:
+def mark_all(path: Path, store_id: str, n_rows: int, flags: np.ndarray | None = None) -> None:
+    """Every unit finished; a tile store's markers (given its ``flags``) name their read-failed rows, as the tiles stage's do."""
     for unit, (start, end) in enumerate(unit_ranges(n_rows, SHARD_ROWS)):
-        UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end})
+        record = tile_unit_record(start, flags[start:end]) if flags is not None else {}
+        UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end, **record})
 
 
 def config_for(run_dir: Path, **distill) -> Config:

@@ -5,8 +5,9 @@
    tiles (mpp, read level, tissue, grid, QC picture).
 2. The driver sizes the store once (rows of a slide are contiguous) or checks that an existing
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
-3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker.
-   Units with a marker are skipped, so a rerun after any interruption does only what is missing.
+3. A Ray task per unit (one shard of rows) reads its tiles, writes its shards, then its marker; the
+   driver folds markers into the store's unit index as they come (pipeline/stores.py UnitMarkers).
+   Finished units are skipped, so a rerun after any interruption does only what is missing.
    A slide that a unit cannot open (it vanished or broke after planning) gets blank, flagged rows,
    is named in the unit's marker, and at the end is failed in the summary and the store's records.
 """
@@ -29,8 +30,8 @@ from pipeline.locks import exclusive
 from pipeline.ray_runtime import completed, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
-    FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
-    open_tile_store, remove_store, rewrite_attrs, unit_ranges, write_rows,
+    RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now, open_tile_store,
+    remove_store, rewrite_attrs, tile_unit_record, unit_ranges, write_rows,
 )
 from pipeline.tiles.slide_identity import DigestCache, SlideIdentity, identify_slide
 from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan, plan_slide, read_tiles
@@ -214,9 +215,11 @@ def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideR
 
 def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary) -> None:
     ranges = unit_ranges(summary.n_rows, shard_rows)
-    earlier = UnitMarkers(store_path, store_id).records()
-    done = set(earlier)
-    lost = [(unit, failure) for unit, record in earlier.items() for failure in record.get("failed_slides", [])]
+    markers = UnitMarkers(store_path, store_id)
+    earlier = markers.fold()
+    done = earlier.units
+    lost = [(unit, failure) for unit, note in earlier.notes.items() for failure in note.get("failed_slides", [])]
+    summary.read_failed_tiles = earlier.read_failed()  # blank tiles of units finished by an earlier, interrupted run
     todo = [unit for unit in range(len(ranges)) if unit not in done]
     summary.units_total, summary.units_run = len(ranges), len(todo)
     unit_task = ray.remote(num_cpus=1, max_retries=3)(write_unit)
@@ -233,10 +236,8 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
             summary.read_failed_tiles += stats["read_failed"]
             summary.units_seconds = time.perf_counter() - unit_started
             progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
-    # Count blank tiles of units finished by an earlier, interrupted run too.
-    if done:
-        flags = open_tile_store(store_path)["flags"][:]
-        summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
+            markers.fold_if_due()
+    markers.fold()
     _fail_slides_lost_after_planning(store_path, summary, lost)
 
 
@@ -304,8 +305,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
     write_rows(Path(store_path), start, stacked)
     finished = time.perf_counter()
     stats = {
-        "rows": len(stacked["flags"]),
-        "read_failed": int(np.count_nonzero(stacked["flags"] & FLAG_READ_FAILED)),
+        **tile_unit_record(start, stacked["flags"]),
         "read_seconds": read_done - began,
         "write_seconds": finished - read_done,
         "failed_slides": failed_slides,
