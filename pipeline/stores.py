@@ -682,15 +682,16 @@ class UnitMarkers:
         with writing(path, "the unit marker"):
             write_text_atomically(path, json.dumps({**record, "unit": unit, "store_id": self.store_id}))
 
-    def fold(self) -> FinishedUnits:
+    def fold(self, together: dict[int, dict] | None = None) -> FinishedUnits:
         """Fold the markers into the index, then delete them; every finished unit. Re-folding a marker
-        left by a crash between the two steps changes nothing."""
+        left by a crash between the two steps changes nothing. ``together``: unit -> record of units a
+        writer finished at once (the bench's grown runs), recorded without a marker file each."""
         self.folded_at = time.monotonic()
-        if not any(self.directory.glob("unit-*.json")):
+        if not together and not any(self.directory.glob("unit-*.json")):
             return self.read()
         with self._exclusive():
             finished, markers = self._read_index(), self._read_markers()
-            for unit, record in markers.values():
+            for unit, record in [*markers.values(), *(together or {}).items()]:
                 finished.add(unit, record)
             self._write_index(finished)
             for path in markers:
