@@ -11,7 +11,7 @@ from test_cli_errors import assert_one_error_line, run_cli
 from test_stores import STORE, small_tile_store
 
 from pipeline.stores import (
-    FLAG_READ_FAILED, StoreError, describe_units, forget_units, open_tile_store, parse_units, read_failed_mask, slide_of_row,
+    FLAG_READ_FAILED, FOLD_SECONDS, StoreError, describe_units, forget_units, open_tile_store, parse_units, read_failed_mask, slide_of_row,
     tile_unit_record, write_rows,
 )
 
@@ -48,6 +48,16 @@ def test_folding_keeps_what_readers_need_in_one_index_and_removes_the_markers(tm
     }  # timings and row counts are not kept
     assert folded == before == markers.read() and store.missing_units() == set()
     store.require_finished("tiles")
+
+    # While units finish, the driver folds only every FOLD_SECONDS.
+    store.markers().mark(0, {"start": 0})
+    markers.fold_if_due()
+    assert (progress / "unit-000000.json").exists()
+    markers.folded_at -= FOLD_SECONDS
+    markers.fold_if_due()
+    assert not (progress / "unit-000000.json").exists() and 0 not in markers.read().notes  # its new record replaced the old
+    store.markers().mark(0, {"start": 0, **tile_unit_record(0, np.array([0, 0, 0, FLAG_READ_FAILED], np.uint8))})
+    markers.fold()
 
     # A marker written again after its fold (a retried unit, or a crash before the delete) changes nothing.
     store.markers().mark(2, {"start": 16, **tile_unit_record(16, np.array([0, FLAG_READ_FAILED, 0, 0], np.uint8))})
