@@ -5,8 +5,9 @@ so both get the same guarantees. Ray actors each build every embedder of their p
 whole units (the tile store's shards of rows): a unit's tiles are read and decoded once and fed to
 each embedder, which applies its own resize and normalisation. Each embedder's rows go to its own
 store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
-write (folded into the store's unit index by the driver), so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
-retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+write (the driver folds markers into the store's unit index), so reruns compute only unfinished
+units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed whole, so
+retries and reruns write identical bytes.
 
 Tiles are never embedded from a damaged tile store: a pool starts only when every shard of the
 ``tiles`` array is on disk (one stat per shard, small beside embedding it), each unit checks its

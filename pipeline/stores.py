@@ -795,9 +795,10 @@ def forget_units(path: Path, units: set[int]) -> set[int]:
     """Forget finished units of the store at ``path`` (a damaged one, say), so that a rerun of the
     stage that made it rewrites them; the units that were finished."""
     store = open_store(path)
-    beyond = sorted(unit for unit in units if unit >= len(store.units()))
+    count = len(store.units())
+    beyond = sorted(unit for unit in units if unit >= count)
     if beyond:
-        raise StoreError(f"{path} has units 0-{len(store.units()) - 1}; there is no unit {beyond[0]}")
+        raise StoreError(f"{path} has units 0-{count - 1}; there is no unit {beyond[0]}")
     return store.markers().forget(units)
 
 

@@ -3,8 +3,9 @@
 Ray actors each load every teacher of their pool once, then take whole units (the tile store's
 shards of rows): a unit's tiles are read and decoded once and fed to each teacher, which applies
 its own resize and normalisation. Each teacher's rows go to its own store; a marker per store and
-unit follows the write (folded into the store's unit index), so reruns compute only unfinished units. A dead actor is restarted by Ray
-and its unit retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+unit follows the write (folded into the store's unit index), so reruns compute only unfinished
+units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed whole, so
+retries and reruns write identical bytes.
 """
 
 from __future__ import annotations
