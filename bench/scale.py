@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -139,8 +140,8 @@ def first_batch_seconds(run: Path, settings: DistillConfig) -> float:
 def loader_rss_growth_mib(run: Path, settings: DistillConfig, samples: int) -> float:
     """RSS growth of opening the data and loading ``samples`` samples, in a fresh process so that
     nothing earlier is reused; sampled after every batch, in MiB."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_rss_growth_here, (run, settings, samples))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_rss_growth_here, run, settings, samples).result()
 
 
 def _rss_growth_here(run: Path, settings: DistillConfig, samples: int) -> float:
