@@ -167,9 +167,9 @@ def measure(tiled: Config, work: Path, quick: bool) -> list[Row]:
     small, _ = grown_run(tiled.run, work / f"scale-{small_units}", small_units)
     large, build = grown_run(tiled.run, work / f"scale-{large_units}", large_units)
     n_small, n_large = small_units * unit_rows, large_units * unit_rows
-    samples = 512 if quick else 4096
+    samples = 256 if quick else 4096
     start_up, planning, rate = {small: [], large: []}, {small: [], large: []}, {small: [], large: []}
-    for _ in range(2 if quick else 3):  # interleaved: load on the machine moves both sizes alike
+    for _ in range(1 if quick else 3):  # interleaved: load on the machine moves both sizes alike
         for run in (small, large):
             start_up[run].append(start_up_seconds(run, settings))
             planning[run].append(first_batch_seconds(run, settings))
