@@ -5,7 +5,7 @@ A grown run is what `tiles` and `features` would leave for that many rows: a til
 feature store per teacher with the source's array layout and codecs, every stored object (shard, or
 chunk of an unsharded array) a hard link to the object of source unit ``unit mod k``, the `slide`
 array written for synthetic slides of UNITS_PER_SLIDE units each, slide records to match, and every
-unit marked finished and folded into each store's unit index, as the stages do. The pixels and
+unit recorded finished in each store's unit index, with its read-failed rows, as the stages record them. The pixels and
 targets are real; the bytes on disk are the source's, so both sizes read the same cached files and
 the figures measure what grows with the row count (bookkeeping, planning, per-row arrays), not the disk.
 """
@@ -25,7 +25,7 @@ import psutil
 
 from bench.common import Row
 from bench.loader import loader_rate
-from distill.data import BlockShuffleLoader, open_distill_data
+from distill.data import BlockShuffleLoader, DistillData, open_distill_data
 from pipeline.config import Config, DistillConfig, StoreConfig
 from pipeline.stores import (
     FeatureStoreAttrs, RunDir, SlideRecord, Store, TileStoreAttrs, create_feature_store, create_tile_store, object_files,
@@ -118,12 +118,16 @@ def link_units(source: Store, grown: Store, origin_of: dict[int, int], arrays: l
                 os.link(existing, link)
 
 
+def training_loader(data: DistillData, settings: DistillConfig) -> BlockShuffleLoader:
+    return BlockShuffleLoader(data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, seed=0)
+
+
 def start_up_seconds(run: Path, settings: DistillConfig) -> float:
     """What `distill` does before its first read: open and check the stores, open the data, build the loader."""
     began = time.perf_counter()
     open_tile_store(RunDir(run).tiles).require_finished("tiles")
     data = open_distill_data(run, settings)
-    BlockShuffleLoader(data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, seed=0)
+    training_loader(data, settings)
     return time.perf_counter() - began
 
 
@@ -131,7 +135,7 @@ def first_batch_seconds(run: Path, settings: DistillConfig) -> float:
     """Planning: from a new loader to its first batch (the epoch's pool order, then the first pools read)."""
     data = open_distill_data(run, settings)
     began = time.perf_counter()
-    loader = BlockShuffleLoader(data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, seed=0)
+    loader = training_loader(data, settings)
     with closing(iter(loader)) as batches:
         next(batches)
     return time.perf_counter() - began
@@ -148,7 +152,7 @@ def _rss_growth_here(run: Path, settings: DistillConfig, samples: int) -> float:
     process = psutil.Process()
     before = peak = process.memory_info().rss
     data = open_distill_data(run, settings)
-    loader = BlockShuffleLoader(data, data.rows_of(data.split.train), settings.batch_size, settings.pool_chunks, settings.loader_workers, seed=0)
+    loader = training_loader(data, settings)
     seen = 0
     with closing(iter(loader)) as batches:
         for batch in batches:
