@@ -208,6 +208,19 @@ def inspect_store(
         raise typer.Exit(1)
 
 
+@app.command("forget-units")
+def forget_units(
+    path: Annotated[Path, typer.Argument(help="a tiles.zarr or features/<teacher>.zarr store")],
+    units: Annotated[str, typer.Argument(help="units as an error names them, e.g. 0,4-6")],
+) -> None:
+    """Count finished units of a store unfinished again (damaged ones, say): a rerun of its stage rewrites them."""
+    from pipeline.stores import forget_units as forget, parse_units
+
+    wanted = parse_units(units)
+    forgotten = forget(path, wanted)
+    console.print(f"{path}: {len(forgotten)} of the {len(wanted)} units given were finished and are now forgotten; rerun the stage that made the store to rewrite them", soft_wrap=True)
+
+
 submit_app = typer.Typer(no_args_is_help=True, help="Render clusters/ templates for a run and submit them (Slurm or Kubernetes).")
 app.add_typer(submit_app, name="submit")
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="print what would be submitted; submit nothing")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import features, inference, loader, memory, stores, tiling
+from bench import features, inference, loader, memory, scale, stores, tiling
 from bench.common import RESULTS, write_results
 from pipeline.config import Config, FeaturesConfig, RayConfig, load_config
 from pipeline.demo.slides import make_demo_slides
@@ -35,6 +35,7 @@ def main() -> None:
     rows += features.measure(tiled_run, bare)
     inference_rows, real_teachers = inference.measure(args.quick)
     rows += loader.measure(tiled_run, work, args.quick, bare, real_teachers)
+    rows += scale.measure(tiled_run, work, args.quick)
     rows += stores.measure(tiled_run.run, slides["cmu_small_region.svs"], work, args.quick)
     rows += inference_rows
     stages = ["tiles"] if args.quick else ["tiles", "features", "distill"]

@@ -16,8 +16,10 @@ maps them onto a run's stores and rows (`chunk_source`).
 
 Every read goes through a ``UnitReader`` (pipeline/stores.py): a unit whose shard file is gone is
 refused the first time it is read instead of read as zeros, and a chunk failing its checksum is an
-error naming the store, array and rows. `slide` and `flags` are read whole at open, so they are
-checked whole at open; tiles and targets are checked unit by unit as the first epoch reaches them.
+error naming the store, array and rows; tiles and targets are checked unit by unit as the first epoch
+reaches them. Opening reads no per-row array: each row's slide comes from the slide records and the
+read-failed rows from the tile store's unit index (pipeline/stores.py), so a start at 10^8 rows does not
+read ~390k chunk files of `slide` and `flags`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 from distill.cohort import Slide, Source, cohort_slides, composition, global_rows, require_alike, require_distinct
 from distill.pools import ChunkSpan, PoolBuffers
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import FLAG_READ_FAILED, RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store
+from pipeline.stores import RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
 from pipeline.views import apply_view
 
 
@@ -163,7 +165,7 @@ def open_distill_data(runs: Sequence[Path], settings: DistillConfig) -> DistillD
     for run in runs:
         source, slides, failed = _open_run(run, settings, teachers, offset, slide_base)
         sources.append(source)
-        slide_of_row.append((slides + slide_base).astype(np.int32))
+        slide_of_row.append(np.where(slides < 0, -1, slides + slide_base).astype(np.int32))
         read_failed.append(failed)
         offset, slide_base = offset + source.padded_rows, source.slide_keys_end
     require_alike(sources)
@@ -212,14 +214,11 @@ def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offse
                 f"teachers {first!r} and {teacher!r} were computed on different views ({attrs[first].views} vs "
                 f"{attrs[teacher].views}); a student sample shows one view to every teacher: rerun features with the same views"
             )
-    n_rows = tiles.attrs.n_rows
     source = Source(
         run=run.root, tile_reader=UnitReader(tiles, "tiles", "tiles"), target_readers=readers, tile_attrs=tiles.attrs,
         feature_attrs=attrs, recipes=recipes, offset=offset, slide_base=slide_base,
     )
-    slides = UnitReader(tiles, "slide", "tiles").read(0, n_rows)
-    read_failed = (UnitReader(tiles, "flags", "tiles").read(0, n_rows) & FLAG_READ_FAILED).astype(bool)
-    return source, slides, read_failed
+    return source, slide_of_row(tiles.attrs), read_failed_mask(tiles)
 
 
 def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.ndarray:

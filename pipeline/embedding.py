@@ -6,8 +6,9 @@ whole units (the tile store's shards of rows): a unit's tiles are read and decod
 embedder is given its field (``field_px``, centred on each view's tile; pipeline/teacher_input.py)
 and applies its own resize and normalisation. Each embedder's rows go to its own
 store, checked for NaN/Inf before anything is written; a marker per store and unit follows the
-write, so reruns compute only unfinished units. A dead actor is restarted by Ray and its unit
-retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+write (the driver folds markers into the store's unit index), so reruns compute only unfinished
+units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed whole, so
+retries and reruns write identical bytes.
 
 Tiles are never embedded from a damaged tile store: a pool starts only when every shard of the
 ``tiles`` array is on disk (one stat per shard, small beside embedding it), each unit checks its
@@ -167,6 +168,7 @@ def embed_pool(
     queue = [(unit, {n: outputs[n] for n in out_paths if unit in missing[n]}) for unit in range(len(units))]
     queue = [(unit, wanted) for unit, wanted in queue if wanted]
     summary.units_run += sum(len(wanted) for _, wanted in queue)
+    markers = [UnitMarkers(Path(path), store_id) for path, store_id in outputs.values()]
     pending: dict = {}  # ref -> the worker running it
 
     def feed_workers() -> None:
@@ -187,7 +189,11 @@ def embed_pool(
                 summary.timings[key] += seconds
             rate = summary.rows_done / (summary.units_seconds + time.perf_counter() - started)
             progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
+            for store_markers in markers:
+                store_markers.fold_if_due()
     summary.units_seconds += time.perf_counter() - started
+    for store_markers in markers:
+        store_markers.fold()
     for worker in workers:
         ray.kill(worker)
 

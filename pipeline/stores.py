@@ -12,9 +12,11 @@ back from ``open_tile_store`` / ``open_feature_store``, which refuse a store of 
 version, or whose attrs do not match the schema, naming what to do. Changing what a store holds
 means a new schema version here; readers refuse versions they do not know.
 
-Completion is recorded outside Zarr metadata, as one marker file per unit in ``<store>.progress/``,
-written after the unit's shards; a marker names the store id it belongs to, so markers of a
-replaced store never count.
+Completion is recorded outside Zarr metadata, in ``<store>.progress/``: a worker writes one marker
+file per unit after the unit's shards (crash-safe, no file shared between workers), and the driver
+folds markers into one ``index.json`` as units finish, so a start reads one index and the few markers
+not yet folded rather than one file per unit (``UnitMarkers``). Marker and index name the store id they
+belong to, so those of a replaced store never count.
 
 Damage is refused at the boundary where the file is known. Zarr reads a lost shard (or chunk) file
 as the fill value, so readers of a finished store check that the stored objects of what they read
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import itertools
 import json
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -404,10 +408,12 @@ class Store(Generic[Attrs]):
             ) from error
 
     def repair(self, stage: str, units: Iterable[int]) -> str:
-        """How to rewrite damaged units: without their markers, a rerun of the stage redoes them."""
-        units = sorted(set(units))
-        names = ", ".join(f"unit-{unit:06d}.json" for unit in units[:5]) + (" ..." if len(units) > 5 else "")
-        return f"delete {names} in {progress_dir(self.path)} and rerun `{stage}` to rewrite {'it' if len(units) == 1 else 'them'}, or rerun `{stage} --overwrite`"
+        """How to rewrite damaged units: once forgotten, a rerun of the stage redoes them."""
+        units = set(units)
+        return (
+            f"run `forget-units {self.path} {describe_units(units)}` and rerun `{stage}` to rewrite "
+            f"{'it' if len(units) == 1 else 'them'}, or rerun `{stage} --overwrite`"
+        )
 
 
 class UnitReader:
@@ -418,8 +424,7 @@ class UnitReader:
     On first read rather than all at open: a check is one stat per stored object, ~30 us on a local
     disk here (39k units of the tiles array in 1.2 s), so ~12 s per array at 10^8 rows (390k units)
     at every start, and far more on a network file system; on first read it is one stat beside
-    decompressing the unit's chunks, and none after the first epoch. An array read whole at once
-    (the distiller's `slide` and `flags`) is checked whole by that read.
+    decompressing the unit's chunks, and none after the first epoch.
     """
 
     def __init__(self, store: Store, name: str, stage: str):
@@ -610,18 +615,148 @@ def unit_ranges(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(start, min(n_rows, start + shard_rows)) for start in range(0, n_rows, shard_rows)]
 
 
+# What the index keeps of a unit's marker, when set: the slides a unit could not open (the tiles
+# stage fails them) and its read-failed rows (the distiller leaves them out). The rest (timings) is
+# dropped when the marker is folded.
+INDEX_FIELDS = ("failed_slides", "read_failed", "read_failed_rows")
+UNIT_INDEX_FORMAT = "pathdistill.unit-index/1"
+FOLD_SECONDS = 30.0  # how often a driver folds new markers into the index while units finish
+
+
+@dataclass
+class FinishedUnits:
+    """The finished units of one store, and for the units that have any, their INDEX_FIELDS."""
+
+    units: set[int] = field(default_factory=set)
+    notes: dict[int, dict] = field(default_factory=dict)
+
+    def add(self, unit: int, record: dict) -> None:
+        self.units.add(unit)
+        note = {key: record[key] for key in INDEX_FIELDS if record.get(key)}
+        if note:
+            self.notes[unit] = note
+        else:
+            self.notes.pop(unit, None)
+
+    def discard(self, units: set[int]) -> None:
+        self.units -= units
+        for unit in units:
+            self.notes.pop(unit, None)
+
+    def read_failed(self) -> int:
+        """Tiles left blank after read errors, over every finished unit."""
+        return sum(note.get("read_failed", 0) for note in self.notes.values())
+
+    def to_index(self, store_id: str) -> dict:
+        return {
+            "format": UNIT_INDEX_FORMAT, "store_id": store_id, "finished": unit_runs(self.units),
+            "notes": {str(unit): note for unit, note in sorted(self.notes.items())},
+        }
+
+    @classmethod
+    def from_index(cls, index: dict) -> FinishedUnits:
+        """From ``to_index``'s form; a KeyError, TypeError or ValueError when it is not that."""
+        if index["format"] != UNIT_INDEX_FORMAT:
+            raise ValueError(f"format {index['format']!r}, expected {UNIT_INDEX_FORMAT!r}")
+        units: set[int] = set()
+        for first, end in index["finished"]:
+            if not (isinstance(first, int) and isinstance(end, int) and 0 <= first < end):
+                raise ValueError(f"bad run of units {[first, end]}")
+            units.update(range(first, end))
+        notes = {int(unit): dict(note) for unit, note in index["notes"].items()}
+        if not set(notes) <= units:
+            raise ValueError(f"notes for units not finished: {sorted(set(notes) - units)[:5]}")
+        return cls(units, notes)
+
+
 class UnitMarkers:
-    """One JSON file per finished unit, beside the store, for resuming only what is missing."""
+    """Which units of a store are finished, for resuming only what is missing, in ``<store>.progress/``.
+
+    Each unit writes ``unit-NNNNNN.json`` after its shards: written atomically by the worker that did
+    the unit, so a crash anywhere leaves whole markers and no shared file half-written. The driver
+    (one per store: the stage's run lock) ``fold``s them into ``index.json`` every FOLD_SECONDS and at
+    the end, one atomic write, then deletes the markers it folded; reading is the index plus the
+    markers not yet folded. At 10^8 rows a store has ~390k units: a start reads one small index (the
+    finished units as runs) instead of 390k files. An index that is unreadable is refused (the
+    finished units are unknown, and units must never count as finished by guess); one naming another
+    store id counts nothing, like such a marker, and the next fold replaces it.
+    """
 
     def __init__(self, store_path: Path, store_id: str):
         self.directory = progress_dir(store_path)
+        self.index_path = self.directory / "index.json"
         self.store_id = store_id
+        self.folded_at = time.monotonic()
 
     def done(self) -> set[int]:
-        return set(self.records())
+        return self.read().units
 
-    def records(self) -> dict[int, dict]:
-        """Unit -> its marker's record, for the finished units of this store."""
+    def read(self) -> FinishedUnits:
+        finished = self._read_index()
+        for unit, record in self._read_markers().values():
+            finished.add(unit, record)
+        return finished
+
+    def mark(self, unit: int, record: dict) -> None:
+        path = self.directory / f"unit-{unit:06d}.json"
+        with writing(path, "the unit marker"):
+            write_text_atomically(path, json.dumps({**record, "unit": unit, "store_id": self.store_id}))
+
+    def fold(self, together: dict[int, dict] | None = None) -> FinishedUnits:
+        """Fold the markers into the index, then delete them; every finished unit. Re-folding a marker
+        left by a crash between the two steps changes nothing. ``together``: unit -> record of units a
+        writer finished at once (the bench's grown runs), recorded without a marker file each."""
+        self.folded_at = time.monotonic()
+        if not together and not any(self.directory.glob("unit-*.json")):
+            return self.read()
+        with self._exclusive():
+            finished, markers = self._read_index(), self._read_markers()
+            for unit, record in [*markers.values(), *(together or {}).items()]:
+                finished.add(unit, record)
+            self._write_index(finished)
+            for path in markers:
+                path.unlink(missing_ok=True)
+        return finished
+
+    def fold_if_due(self) -> None:
+        if time.monotonic() - self.folded_at >= FOLD_SECONDS:
+            self.fold()
+
+    def forget(self, units: Iterable[int]) -> set[int]:
+        """Count ``units`` unfinished again, so that a rerun of the stage rewrites them; those that were finished."""
+        with self._exclusive():
+            finished, markers = self._read_index(), self._read_markers()
+            for unit, record in markers.values():
+                finished.add(unit, record)
+            forgotten = finished.units & set(units)
+            finished.discard(forgotten)
+            # Their markers go first: a crash before the index is written then still forgets them.
+            for path, (unit, _) in markers.items():
+                if unit in forgotten:
+                    path.unlink(missing_ok=True)
+            self._write_index(finished)
+            for path in markers:
+                path.unlink(missing_ok=True)
+        return forgotten
+
+    def _read_index(self) -> FinishedUnits:
+        try:
+            text = self.index_path.read_text()
+        except FileNotFoundError:
+            return FinishedUnits()
+        try:
+            index = json.loads(text)
+            if index["store_id"] != self.store_id:
+                return FinishedUnits()
+            return FinishedUnits.from_index(index)
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(
+                f"{self.index_path} is damaged ({type(error).__name__}: {error}), so which units are finished is unknown; "
+                "delete it and rerun the stage that writes the store to redo every unit, or rerun that stage with --overwrite"
+            ) from error
+
+    def _read_markers(self) -> dict[Path, tuple[int, dict]]:
+        """Marker file -> (unit, record), for this store id (markers of a replaced store never count)."""
         found = {}
         for marker in self.directory.glob("unit-*.json"):
             try:
@@ -629,13 +764,94 @@ class UnitMarkers:
             except (OSError, json.JSONDecodeError):
                 continue
             if record.get("store_id") == self.store_id:
-                found[int(record["unit"])] = record
+                found[marker] = (int(record["unit"]), record)
         return found
 
-    def mark(self, unit: int, record: dict) -> None:
-        path = self.directory / f"unit-{unit:06d}.json"
-        with writing(path, "the unit marker"):
-            write_text_atomically(path, json.dumps({**record, "unit": unit, "store_id": self.store_id}))
+    def _write_index(self, finished: FinishedUnits) -> None:
+        with writing(self.index_path, "the unit index"):
+            write_text_atomically(self.index_path, json.dumps(finished.to_index(self.store_id)))
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Folds and forgets of one store one at a time (a forget while a stage runs, say); readers need
+        no lock, as the index is replaced whole."""
+        lock = self.directory / "index.lock"
+        with writing(lock, "the unit index lock"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = lock.open("a")
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+def unit_runs(units: Iterable[int]) -> list[list[int]]:
+    """Sorted units as runs [first, end): 390k finished units of one store are one run."""
+    runs: list[list[int]] = []
+    for unit in sorted(units):
+        if runs and runs[-1][1] == unit:
+            runs[-1][1] = unit + 1
+        else:
+            runs.append([unit, unit + 1])
+    return runs
+
+
+def describe_units(units: Iterable[int]) -> str:
+    """``0,4-6``: units as ``forget-units`` takes them."""
+    return ",".join(str(first) if end == first + 1 else f"{first}-{end - 1}" for first, end in unit_runs(units))
+
+
+def parse_units(text: str) -> set[int]:
+    """The units of ``describe_units``' form, or a StoreError naming the part that is not."""
+    units: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() or not dash)) or int(last or first) < int(first):
+            raise StoreError(f"units {text!r}: {part!r} is not a unit or a range like 4-6; give units as 0,4-6")
+        units.update(range(int(first), int(last or first) + 1))
+    return units
+
+
+def forget_units(path: Path, units: set[int]) -> set[int]:
+    """Forget finished units of the store at ``path`` (a damaged one, say), so that a rerun of the
+    stage that made it rewrites them; the units that were finished."""
+    store = open_store(path)
+    count = len(store.units())
+    beyond = sorted(unit for unit in units if unit >= count)
+    if beyond:
+        raise StoreError(f"{path} has units 0-{count - 1}; there is no unit {beyond[0]}")
+    return store.markers().forget(units)
+
+
+def tile_unit_record(start: int, flags: np.ndarray) -> dict:
+    """What a tile unit's marker says of its rows [start, start + len(flags)): its read-failed rows."""
+    rows = (start + np.flatnonzero(flags & FLAG_READ_FAILED)).tolist()
+    return {"rows": len(flags), "read_failed": len(rows), "read_failed_rows": rows}
+
+
+def slide_of_row(attrs: TileStoreAttrs) -> np.ndarray:
+    """int32 [N]: the slide id of each row, from the slide records (a slide's rows are contiguous)
+    rather than from the ``slide`` array, which at 10^8 rows is ~390k chunk files; -1 where no record
+    holds a row."""
+    slides = np.full(attrs.n_rows, -1, np.int32)
+    for slide in attrs.slides:
+        slides[slide.rows[0] : slide.rows[1]] = slide.id
+    return slides
+
+
+def read_failed_mask(tiles: Store[TileStoreAttrs], stage: str = "tiles") -> np.ndarray:
+    """bool [N]: rows of a finished tile store whose region could not be read (blank tiles), from the
+    unit index rather than the ``flags`` array; a unit whose marker (from an earlier version) has a
+    count but not the rows has its flags read."""
+    mask = np.zeros(tiles.attrs.n_rows, bool)
+    ranges = tiles.units()
+    flags = UnitReader(tiles, "flags", stage)
+    for unit, note in tiles.markers().read().notes.items():
+        if "read_failed_rows" in note:
+            mask[note["read_failed_rows"]] = True
+        elif note.get("read_failed"):
+            start, end = ranges[unit]
+            mask[start:end] = (flags.read(start, end) & FLAG_READ_FAILED).astype(bool)
+    return mask
 
 
 def remove_store(path: Path) -> None:

@@ -18,7 +18,7 @@ import zarr
 from pipeline.config import Config
 from pipeline.stores import (
     FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, SlideRecord, StoreConfig, Tiling, TileStoreAttrs, UnitMarkers,
-    create_feature_store, create_tile_store, unit_ranges, write_rows,
+    create_feature_store, create_tile_store, tile_unit_record, unit_ranges, write_rows,
 )
 from pipeline.views import apply_view, expand_views
 
@@ -83,7 +83,7 @@ def make_run(
         "tiles": tiles, "coords": np.zeros((n_rows, 2), np.int64), "slide": slide_of_row,
         "tissue": np.ones(n_rows, np.float32), "flags": flags,
     })
-    mark_all(tile_path, tile_attrs.store_id, n_rows)
+    mark_all(tile_path, tile_attrs.store_id, n_rows, flags=flags)
     tiles = zarr.open_array(str(tile_path / "tiles"), mode="r")[:]  # the decoded stored pixels: what every teacher sees
     view_records = expand_views(views or ["identity"], context_px, tile_px)
     targets = write_synthetic_features(run_dir, tiles, tile_attrs, view_records, teachers)
@@ -106,13 +106,15 @@ def write_synthetic_features(
         attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, views)
         create_feature_store(path, attrs, store.chunk_rows, store.shard_rows, store)
         write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(views), 8), np.float16)})
-        mark_all(path, attrs.store_id, n_rows, store.shard_rows)
+        mark_all(path, attrs.store_id, n_rows, shard_rows=store.shard_rows)
     return targets
 
 
-def mark_all(path: Path, store_id: str, n_rows: int, shard_rows: int = SHARD_ROWS) -> None:
+def mark_all(path: Path, store_id: str, n_rows: int, flags: np.ndarray | None = None, shard_rows: int = SHARD_ROWS) -> None:
+    """Every unit finished; a tile store's markers (given its ``flags``) name their read-failed rows, as the tiles stage's do."""
     for unit, (start, end) in enumerate(unit_ranges(n_rows, shard_rows)):
-        UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end})
+        record = tile_unit_record(start, flags[start:end]) if flags is not None else {}
+        UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end, **record})
 
 
 def config_for(run_dir: Path, **distill) -> Config:

@@ -12,6 +12,7 @@ import zarr
 
 from pipeline.config import Config
 from pipeline.features.stage import run_features
+from pipeline.stores import StoreError, open_store
 from pipeline.tiles.stage import run_tiles
 
 TEACHER = "demo-vit"
@@ -46,6 +47,14 @@ def copy_tiles(config: dict, run: Path) -> dict:
     for name in ("tiles.zarr", "tiles.zarr.progress"):
         shutil.copytree(source / name, run / name)
     return {**config, "run": str(run)}
+
+
+def finished_units(store: Path) -> int:
+    """How many units of ``store`` are finished so far (0 before the store exists): for waiting on a running stage."""
+    try:
+        return len(open_store(store).markers().done())
+    except StoreError:
+        return 0
 
 
 def write_config(config: dict, path: Path) -> Path:

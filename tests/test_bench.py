@@ -16,7 +16,7 @@ def test_quick_bench_writes_every_figure(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "latest.json").read_text())
-    assert {row["figure"].split()[0] for row in rows} == {"1", "2", "3", "4", "5", "6", "7"}
+    assert {row["figure"].split()[0] for row in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
     for row in rows:
         if row["target"]:
             assert row["ratio"] is not None and math.isfinite(row["ratio"]) and row["ratio"] > 0, row

@@ -14,7 +14,7 @@ from distill.data import BlockShuffleLoader, DistillData, open_distill_data, tar
 from distill.train import build_student
 from distill_run import READ_FAILED_ROWS, SLIDE_ROWS, STUDENT, make_run, synthetic_teacher
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import StoreError, write_rows
+from pipeline.stores import StoreError, forget_units, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_refusals_name_the_input_and_the_fix(run, tmp_path, he_pixels):
         open_distill_data([mixed], DistillConfig())
 
     unfinished = copy_run(run_dir, tmp_path / "unfinished")
-    next((unfinished / "features" / "alpha.zarr.progress").glob("unit-*.json")).unlink()
+    forget_units(unfinished / "features" / "alpha.zarr", {0})
     with pytest.raises(StoreError, match=r"alpha.zarr is unfinished \(1 of 12 units missing\); rerun `features`"):
         open_distill_data([unfinished], DistillConfig())
 

@@ -25,7 +25,7 @@ from distill.train import learning_rate, run_distill
 from distill_run import config_for, make_run, write_config
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.run_report import read_report
-from pipeline.stores import StoreError, open_feature_store, open_tile_store
+from pipeline.stores import StoreError, forget_units, open_feature_store, open_tile_store
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """
@@ -138,7 +138,7 @@ def test_the_exported_student_loads_and_embeds_a_tile_store(trained, tmp_path):
     assert np.allclose(embeddings[40:48, 0].astype(np.float32), expected, atol=2e-2, rtol=1e-2)
     again = embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
     assert again.units_run == 0 and again.skipped == ["student:vit_tiny_patch16_224@64"]  # finished: left alone
-    (out.parent / f"{out.name}.progress" / "unit-000001.json").unlink()  # as if interrupted after unit 1's write
+    forget_units(out, {1})  # as if interrupted after unit 1's write
     before = embeddings[:]
     resumed = embed_tile_store(run_dir / "student", run_dir / "tiles.zarr", out, dim=64)
     assert resumed.units_run == 1 and resumed.rows_done == 32 and np.array_equal(zarr.open_array(str(out / "embedding"), mode="r")[:], before)

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import Config
 from pipeline.features.stage import run_features
-from pipeline.stores import StoreError
+from feature_run import finished_units
+from pipeline.stores import StoreError, forget_units
 from pipeline.teachers import UnknownTeacherError, build_teacher
 from pipeline.tiles.stage import run_tiles
 from pipeline.views import apply_view
@@ -122,7 +123,7 @@ def test_non_finite_outputs_are_refused_naming_teacher_and_rows(tiled_run, tmp_p
     run_tiles(config)
     with pytest.raises(Exception, match=r"'demo-vit' recipe 'cls' gave NaN/Inf .* rows \[0, 1, 2"):
         run_features(config, ["demo-vit"])
-    assert not list((tmp_path / "run" / "features").glob("demo-vit.zarr.progress/unit-*.json"))
+    assert finished_units(tmp_path / "run" / "features" / "demo-vit.zarr") == 0
 
 
 def test_killed_worker_is_retried_and_killed_driver_resumes_to_identical_stores(tiled_run, tmp_path):
@@ -132,13 +133,13 @@ def test_killed_worker_is_retried_and_killed_driver_resumes_to_identical_stores(
     config_path = tmp_path / "run.json"
     config_path.write_text(json.dumps({**tiled_run, "run": str(tmp_path / "run")}))
     run_tiles(Config.model_validate_json(config_path.read_text()))
-    markers = tmp_path / "run" / "features" / "demo-vit.zarr.progress"
+    store = tmp_path / "run" / "features" / "demo-vit.zarr"
     command = [sys.executable, str(REPO / "cli.py"), "features", "--config", str(config_path)]
 
     def start_and_wait_for_markers(count: int) -> subprocess.Popen:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 240
-        while time.time() < deadline and len(list(markers.glob("unit-*.json"))) < count:
+        while time.time() < deadline and finished_units(store) < count:
             time.sleep(0.05)
         return process
 
@@ -152,13 +153,12 @@ def test_killed_worker_is_retried_and_killed_driver_resumes_to_identical_stores(
             assert np.array_equal(stored(tmp_path / "run" / "features" / f"{name}.zarr")[array], values), (name, array)
 
     subprocess.run([sys.executable, str(REPO / "cli.py"), "features", "--config", str(config_path), "--overwrite", "--teachers", "demo-vit"], cwd=REPO, check=True, capture_output=True)
-    for marker in markers.glob("unit-*.json"):
-        marker.unlink()
+    forget_units(store, {0, 1, 2})
     process = start_and_wait_for_markers(1)
     for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
         victim.kill()
     process.wait()
-    finished_before = len(list(markers.glob("unit-*.json")))
+    finished_before = finished_units(store)
     summary = run_features(Config.model_validate_json(config_path.read_text()), ["demo-vit"])
     assert summary.units_run == 3 - finished_before < 3
     for array, values in stored(reference.run / "features" / "demo-vit.zarr").items():

@@ -13,7 +13,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from feature_run import TEACHER, assert_same_features, copy_tiles, make_reference, small_slide
+from feature_run import TEACHER, assert_same_features, copy_tiles, finished_units, make_reference, small_slide
 from pipeline.config import Config
 from pipeline.features.stage import run_features
 
@@ -48,7 +48,7 @@ def test_removing_a_node_mid_run_still_gives_the_local_store(tmp_path, reference
     reference_config, reference_features = reference
     config = Config.model_validate({**copy_tiles(reference_config, tmp_path / "nodes"), "ray": {"address": cluster.address}})
     ray.init(address=cluster.address)
-    markers = tmp_path / "nodes" / "features" / f"{TEACHER}.zarr.progress"
+    store = tmp_path / "nodes" / "features" / f"{TEACHER}.zarr"
     errors: list[Exception] = []
 
     def first_run() -> None:
@@ -60,16 +60,16 @@ def test_removing_a_node_mid_run_still_gives_the_local_store(tmp_path, reference
     running = threading.Thread(target=first_run)
     running.start()
     deadline = time.monotonic() + 300
-    while not list(markers.glob("unit-*.json")):
+    while not finished_units(store):
         assert running.is_alive() and time.monotonic() < deadline, f"no unit finished: {errors}"
         time.sleep(0.05)
     actor_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "EmbedWorker"), ("state", "=", "ALIVE")])}
     (victim, *_) = [node for node in cluster.worker_nodes if node.node_id in actor_nodes]
-    finished_before_removal = len(list(markers.glob("unit-*.json")))
+    finished_before_removal = finished_units(store)
     cluster.remove_node(victim)
     running.join(timeout=600)
     assert not running.is_alive() and finished_before_removal < 6  # the node went while units were still to do
 
     run_features(config)  # does whatever the first run left undone
-    assert len(list(markers.glob("unit-*.json"))) == 6
+    assert finished_units(store) == 6
     assert_same_features(Path(config.run), reference_features)

@@ -148,7 +148,7 @@ def test_features_refuses_a_tile_store_that_lost_a_shard_and_writes_nothing(tile
     config = copy_tiles(tiled, tmp_path / "run")
     (tmp_path / "run" / "tiles.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))
-    assert_one_error_line(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [8, 16)", "unit-000001.json", "rerun `tiles`", "--overwrite")
+    assert_one_error_line(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [8, 16)", f"`forget-units {tmp_path / 'run' / 'tiles.zarr'} 1`", "rerun `tiles`", "--overwrite")
     assert not (tmp_path / "run" / "features").exists()
 
 
@@ -163,7 +163,7 @@ def test_a_shard_lost_while_features_run_is_refused_by_the_unit_that_reads_it(ti
     outputs = {TEACHER: (str(out), store_id)}
     worker.run_unit(0, 0, 8, outputs)
     (config.run / "tiles.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()
-    with pytest.raises(StoreError, match=r"tiles.zarr is damaged: array 'tiles' rows \[8, 16\) .*missing.*unit-000001.json"):
+    with pytest.raises(StoreError, match=r"tiles.zarr is damaged: array 'tiles' rows \[8, 16\) .*missing.*`forget-units .*tiles.zarr 1`"):
         worker.run_unit(1, 8, 16, outputs)
     assert open_feature_store(out).missing_units() == {1, 2, 3, 4, 5}
 
@@ -174,7 +174,7 @@ def test_the_distiller_refuses_a_damaged_feature_store(made, tmp_path, damage):
     shard = run / "features" / "alpha.zarr" / "cls" / "c" / "2" / "0" / "0"  # rows 64-96, training rows
     if damage == "deleted":
         shard.unlink()
-        expected = r"alpha.zarr is damaged: array 'cls' rows \[64, 96\) .*missing.*unit-000002.json.*rerun `features`"
+        expected = r"alpha.zarr is damaged: array 'cls' rows \[64, 96\) .*missing.*`forget-units .*alpha.zarr 2`.*rerun `features`"
     else:
         flip_byte(shard, 20)  # inside the shard's first chunk, rows 64-72
         expected = r"alpha.zarr: array 'cls' rows \[64, 72\) cannot be read .*Digest mismatch.*inspect-store --verify"  # targets are read by tensorstore
@@ -187,11 +187,13 @@ def test_distill_refuses_a_damaged_store_in_one_line(made, tmp_path):
     run = copy_run(made, tmp_path / "run")
     (run / "features" / "alpha.zarr" / "cls" / "c" / "2" / "0" / "0").unlink()
     result = run_cli("distill", "--config", write_distill_config(config_for(run, steps=2), tmp_path / "distill.yaml"))
-    assert_one_error_line(result, str(run / "features" / "alpha.zarr"), "'cls'", "rows [64, 96)", "unit-000002.json")
+    assert_one_error_line(result, str(run / "features" / "alpha.zarr"), "'cls'", "rows [64, 96)", f"`forget-units {run / 'features' / 'alpha.zarr'} 2`")
     assert not (run / "student" / "checkpoints").exists()
 
-    (run / "tiles.zarr" / "flags" / "c" / "5").unlink()  # read whole when the stores are opened
-    with pytest.raises(StoreError, match=r"tiles.zarr is damaged: array 'flags' rows \[160, 192\)"):
+    markers = open_tile_store(run / "tiles.zarr").markers()
+    markers.fold()
+    markers.index_path.write_text(markers.index_path.read_text()[:40])  # a torn copy of the unit index
+    with pytest.raises(StoreError, match=r"tiles.zarr.progress/index.json is damaged .* which units are finished is unknown"):
         open_distill_data([run], DistillConfig(**STUDENT))
 
 
@@ -221,8 +223,8 @@ def test_a_slide_that_vanishes_after_planning_is_a_failed_slide(tmp_path, slide_
     assert attrs.slides == [planned.plans[0].record, dataclasses.replace(planned.plans[1].record, status="failed", error=failed.error)]  # the rest as planned
     flags = zarr.open_group(str(config.run / "tiles.zarr"), mode="r")["flags"][:]
     assert (flags[48:] & FLAG_READ_FAILED).all() and not (flags[:48] & FLAG_READ_FAILED).any()
-    marker = json.loads((config.run / "tiles.zarr.progress" / "unit-000006.json").read_text())
-    assert marker["failed_slides"] == [{"slide": 1, "error": failed.error}]
+    # folded into the store's unit index, where the next run finds it
+    assert open_tile_store(config.run / "tiles.zarr").markers().read().notes[6]["failed_slides"] == [{"slide": 1, "error": failed.error}]
 
 
 # Item 8: one line instead of a traceback.
@@ -250,8 +252,8 @@ def test_features_reports_a_corrupt_tile_chunk_in_one_line(tiled, tmp_path):
     config = copy_tiles(tiled, tmp_path / "run")
     flip_byte(tmp_path / "run" / "tiles.zarr" / "tiles" / "c" / "2" / "0" / "0" / "0", 100)
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))
-    assert_reported_mid_run(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [16, 24)", "checksum", "inspect-store --verify", "unit-000002.json")
-    assert not (tmp_path / "run" / "features" / f"{TEACHER}.zarr.progress" / "unit-000002.json").exists()
+    assert_reported_mid_run(result, str(tmp_path / "run" / "tiles.zarr"), "'tiles'", "rows [16, 24)", "checksum", "inspect-store --verify", "`forget-units", "tiles.zarr 2`")
+    assert 2 not in open_feature_store(tmp_path / "run" / "features" / f"{TEACHER}.zarr").markers().done()
 
 
 def test_a_flipped_byte_inside_a_tiles_jpeg_is_refused_as_damage(made, tmp_path):

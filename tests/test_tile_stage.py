@@ -15,6 +15,7 @@ import pytest
 import tifffile
 import zarr
 
+from feature_run import finished_units
 from pipeline.config import Config, RayConfig, StoreConfig, TilingConfig, TissueConfig
 from pipeline.run_report import read_report
 from pipeline.geometry import ReadPlan, resize_area
@@ -175,15 +176,15 @@ def test_rerun_after_kill_gives_the_same_store(tmp_path, slide_factory, he_pixel
     }))
     command = [sys.executable, str(REPO / "cli.py"), "tiles", "--config", str(yaml_config)]
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = tmp_path / "killed" / "tiles.zarr.progress"
+    store = tmp_path / "killed" / "tiles.zarr"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(markers.glob("unit-*.json"))) < 2:
+    while time.time() < deadline and finished_units(store) < 2:
         time.sleep(0.05)
     for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
         victim.kill()  # SIGKILL: the driver, its raylet, GCS and workers, none gets to clean up
     process.wait()
     psutil.wait_procs(psutil.Process().children(recursive=True), timeout=0)
-    done_before = len(list(markers.glob("unit-*.json")))
+    done_before = finished_units(store)
     summary_first = run_tiles(Config.model_validate_json(json.dumps(json.loads(yaml_config.read_text()))))
     assert 2 <= done_before < summary_first.units_total
     assert summary_first.units_run == summary_first.units_total - done_before

@@ -4,8 +4,9 @@ Ray actors each load every teacher of their pool once, then take whole units (th
 shards of rows): a unit's tiles are read and decoded once and each teacher is given its published
 field of view at its published mpp (checked before any model is built: pipeline/teacher_input.py),
 to which it applies its own resize and normalisation. Each teacher's rows go to its own store; a
-marker per store and unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
-and its unit retried; a unit is recomputed whole, so retries and reruns write identical bytes.
+marker per store and unit follows the write (folded into the store's unit index), so reruns compute
+only unfinished units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed
+whole, so retries and reruns write identical bytes.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ All work runs on one Ray actor per CPU, started with the run (pipeline/tiles/wor
 2. The driver sizes the store once (rows of a slide are contiguous) or checks that an existing
    store was made from the same slides and settings; it refuses a mismatch unless told to overwrite.
 3. Workers take units (one shard of rows each), neighbouring units of a slide to the same worker
-   where no worker idles for it; a unit reads its tiles, writes its shards, then its marker.
-   Units with a marker are skipped, so a rerun after any interruption does only what is missing.
+   where no worker idles for it; a unit reads its tiles, writes its shards, then its marker; the
+   driver folds markers into the store's unit index as they come (pipeline/stores.py UnitMarkers).
+   Finished units are skipped, so a rerun after any interruption does only what is missing.
    A slide that a unit cannot open (it vanished or broke after planning) gets blank, flagged rows,
    is named in the unit's marker, and at the end is failed in the summary and the store's records.
 """
@@ -32,8 +33,8 @@ from pipeline.locks import exclusive
 from pipeline.ray_runtime import on_actors, ray_session
 from pipeline.run_report import append_stage_record
 from pipeline.stores import (
-    FLAG_READ_FAILED, RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now,
-    open_tile_store, remove_store, rewrite_attrs, unit_ranges,
+    RunDir, SlideRecord, StoreError, TileStoreAttrs, Tiling, UnitMarkers, create_tile_store, now, open_tile_store,
+    remove_store, rewrite_attrs, unit_ranges,
 )
 from pipeline.tiles.slide_identity import DigestCache, SlideIdentity
 from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan
@@ -228,9 +229,11 @@ def store_differences(attrs: TileStoreAttrs, tiling: Tiling, slides: list[SlideR
 
 def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_rows: int, summary: TileSummary, workers: list) -> None:
     ranges = unit_ranges(summary.n_rows, shard_rows)
-    earlier = UnitMarkers(store_path, store_id).records()
-    done = set(earlier)
-    lost = [(unit, failure) for unit, record in earlier.items() for failure in record.get("failed_slides", [])]
+    markers = UnitMarkers(store_path, store_id)
+    earlier = markers.fold()
+    done = earlier.units
+    lost = [(unit, failure) for unit, note in earlier.notes.items() for failure in note.get("failed_slides", [])]
+    summary.read_failed_tiles = earlier.read_failed()  # blank tiles of units finished by an earlier, interrupted run
     todo = [unit for unit in range(len(ranges)) if unit not in done]
     summary.units_total, summary.units_run = len(ranges), len(todo)
     unit_started = time.perf_counter()
@@ -246,10 +249,8 @@ def _write_units(store_path: Path, store_id: str, plans: list[SlidePlan], shard_
             summary.units_cpu_seconds += stats["cpu_seconds"]
             summary.units_seconds = time.perf_counter() - unit_started
             progress.update(task, advance=stats["rows"], rate=f"{summary.tiles_per_second:.0f} tiles/s")
-    # Count blank tiles of units finished by an earlier, interrupted run too.
-    if done:
-        flags = open_tile_store(store_path)["flags"][:]
-        summary.read_failed_tiles = int(np.count_nonzero(flags & FLAG_READ_FAILED))
+            markers.fold_if_due()
+    markers.fold()
     _fail_slides_lost_after_planning(store_path, summary, lost)
 
 

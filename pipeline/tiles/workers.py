@@ -21,7 +21,7 @@ import zarr
 
 from pipeline.config import TilingConfig, TissueConfig
 from pipeline.geometry import ReadPlan
-from pipeline.stores import FLAG_READ_FAILED, UnitMarkers, write_rows
+from pipeline.stores import UnitMarkers, tile_unit_record, write_rows
 from pipeline.tiles.slide_identity import SlideIdentity, identify_slide
 from pipeline.tiles.slide_tiles import SlidePlan, plan_slide, read_tiles
 from pipeline.tiles.slides import OpenSlides, SlideSource
@@ -72,8 +72,7 @@ def write_unit(store_path: str, store_id: str, unit: int, start: int, segments: 
     write_rows(Path(store_path), start, columns)
     finished = time.perf_counter()
     stats = {
-        "rows": n_rows,
-        "read_failed": int(np.count_nonzero(columns["flags"] & FLAG_READ_FAILED)),
+        **tile_unit_record(start, columns["flags"]),
         "read_seconds": read_done - began,
         "write_seconds": finished - read_done,
         "cpu_seconds": time.process_time() - cpu_began,  # of the whole process (zarr's thread too): the work, whatever share of the cores it got
