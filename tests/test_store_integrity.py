@@ -29,7 +29,8 @@ from feature_run import TEACHER, copy_tiles, settings, small_slide, write_config
 from pipeline.config import Config, DistillConfig
 from pipeline.embedding import ActorSettings, EmbedWorker, prepare_feature_store
 from pipeline.stores import FLAG_READ_FAILED, StoreDamaged, StoreError, UnitReader, open_feature_store, open_tile_store
-from pipeline.teachers import build_teacher
+from pipeline.teacher_input import plan_teacher_input
+from pipeline.teachers import build_teacher, get_teacher
 from pipeline.tiles.stage import plan_tiles, run_tiles, write_tiles
 from test_cli_errors import assert_one_error_line, run_cli
 
@@ -273,7 +274,8 @@ def test_features_on_a_full_or_read_only_disk(tiled, tmp_path, small_disk, condi
     features = small_disk(tmp_path / "run" / "features", "1m")
     store = features / f"{TEACHER}.zarr"
     tiles = open_tile_store(tmp_path / "run" / "tiles.zarr")
-    prepare_feature_store(store, tiles, build_teacher(TEACHER).provenance(), IDENTITY, Config.model_validate(config).store, overwrite=False)
+    given = plan_teacher_input(get_teacher(TEACHER), tiles.attrs.tiling, IDENTITY, off_scale=False).as_record()  # as the stage records it
+    prepare_feature_store(store, tiles, build_teacher(TEACHER, input_record=given).provenance(), IDENTITY, Config.model_validate(config).store, overwrite=False)
     before = tree_digest(store)
     make_unwritable(features, condition)
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))

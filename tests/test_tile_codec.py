@@ -135,7 +135,7 @@ def test_the_distill_loader_shows_the_decoded_stored_pixels(made, he_pixels):
     decoded = zarr.open_array(str(run / "tiles.zarr" / "tiles"), mode="r")[:]
     assert open_tile_store(run / "tiles.zarr").attrs.tiling.store["tile_codec"] == "jpeg"
     assert not np.array_equal(decoded[:4], tissue_tiles(he_pixels, 4, 64))  # coding changed the pixels (rows 0-3 are not blanked)
-    data = open_distill_data(run, DistillConfig(**STUDENT))
+    data = open_distill_data([run], DistillConfig(**STUDENT))
     for batch in islice(BlockShuffleLoader(data, data.rows_of(data.split.train), 16, pool_chunks=3, workers=2, seed=0), 6):
         assert np.array_equal(batch.tiles, decoded[batch.rows])
         assert np.array_equal(batch.targets["alpha"], written["targets"]["alpha"][batch.rows, 0])
