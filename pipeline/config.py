@@ -77,6 +77,7 @@ class FeaturesConfig(Strict):
     actors: int | None = Field(None, gt=0, description="actors per pool; none: one per GPU, or one per 2 CPUs without GPUs")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 on GPU clusters)")
     threads_per_actor: int = Field(2, gt=0, description="torch CPU threads per actor")
+    overlap: bool = Field(True, description="each actor reads the next unit and writes the previous one while a unit is in the forward pass (false: one unit at a time)")
 
 
 class DistillConfig(Strict):
@@ -109,6 +110,7 @@ class DistillConfig(Strict):
     checkpoint_every: int = Field(100, gt=0)
     pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
+    compile: bool = Field(False, description="torch.compile the student (needs a C compiler for inductor; pays off on GPUs over long runs)")
 
 
 class EvalDatasetConfig(Strict):

@@ -2,7 +2,8 @@
 
 Ray actors each load every teacher of their pool once, then take whole units (the tile store's
 shards of rows): a unit's tiles are read and decoded once and fed to each teacher, which applies
-its own resize and normalisation. Each teacher's rows go to its own store; a marker per store and
+its own resize and normalisation, while the actor reads the next unit and writes the previous one
+(``features.overlap``). Each teacher's rows go to its own store; a marker per store and
 unit follows the write, so reruns compute only unfinished units. A dead actor is restarted by Ray
 and its unit retried; a unit is recomputed whole, so retries and reruns write identical bytes.
 """
@@ -69,7 +70,7 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     tiling = tiles.attrs.tiling
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
-    actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
+    actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor, settings.overlap)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
             builders = {name: functools.partial(build_teacher, name, weights=settings.weights.get(name)) for name in pool}
