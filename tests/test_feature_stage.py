@@ -122,7 +122,7 @@ def test_non_finite_outputs_are_refused_naming_teacher_and_rows(tiled_run, tmp_p
     save_file(poisoned, str(weights))
     config = Config.model_validate({**tiled_run, "run": str(tmp_path / "run"), "features": {**tiled_run["features"], "weights": {"demo-vit": str(weights)}}})
     run_tiles(config)
-    with pytest.raises(Exception, match=r"'demo-vit' recipe 'cls' gave NaN/Inf .* rows \[0, 1, 2"):
+    with pytest.raises(Exception, match=r"'demo-vit' recipe 'cls' gave NaN/Inf .* rows \[(0|16|32), "):  # whichever unit of those in flight fails first
         run_features(config, ["demo-vit"])
     assert not list((tmp_path / "run" / "features").glob("demo-vit.zarr.progress/unit-*.json"))
 
