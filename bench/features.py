@@ -8,25 +8,31 @@ from bench.common import Row, timed
 from pipeline.config import Config
 from pipeline.features.stage import run_features
 from pipeline.stores import RunDir, open_tile_store
-from pipeline.teachers import build_teacher
+from pipeline.teachers import LoadedTeacher, build_teacher
 
 FIGURE = "2 features"
 
 
-def bare_forward_tiles_per_second(name: str, tiles: torch.Tensor, batch_size: int, threads: int) -> float:
-    """The model alone: preprocessing done beforehand, same precision, batch and threads as the actors."""
-    torch.set_num_threads(threads)
-    teacher = build_teacher(name)
+def bare_forward_tiles_per_second(teacher: LoadedTeacher, tiles: torch.Tensor, batch_size: int) -> float:
+    """The model alone: preprocessing done beforehand (on the teacher's device), same precision and batch as the actors."""
     batches = [teacher.preprocess(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+
+    def forward_all() -> None:
+        for batch in batches:
+            teacher.forward(batch)
+        if teacher.device.type == "cuda":
+            torch.cuda.synchronize()
+
     teacher.forward(batches[0])  # warm-up
-    return len(tiles) / timed(lambda: [teacher.forward(batch) for batch in batches], repeat=2)
+    return len(tiles) / timed(forward_all, repeat=2)
 
 
 def bare_rates(tiled: Config) -> dict[str, float]:
     """Bare forward tiles/s of each teacher on the run's tiles (``tiled`` holds a finished tile store)."""
     settings = tiled.features
     tiles = torch.from_numpy(open_tile_store(RunDir(tiled.run).tiles)["tiles"][:])
-    return {name: bare_forward_tiles_per_second(name, tiles, settings.batch_size, settings.threads_per_actor) for name in settings.teachers}
+    torch.set_num_threads(settings.threads_per_actor)  # as the actors run
+    return {name: bare_forward_tiles_per_second(build_teacher(name), tiles, settings.batch_size) for name in settings.teachers}
 
 
 def measure(tiled: Config, bare: dict[str, float]) -> list[Row]:
