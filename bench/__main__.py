@@ -1,6 +1,7 @@
-"""``python -m bench [--quick]``: run every figure, print the table, write bench/results/latest.{json,md}.
+"""``python -m bench [--quick | --gpu]``: run every figure, print the table, write bench/results/latest.{json,md}.
 
 ``--quick`` runs each figure on a handful of tiles: the smoke test uses it, not the numbers.
+``--gpu`` runs the GPU figures instead (bench/gpu.py), on a CUDA machine; elsewhere it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import features, inference, loader, memory, scale, stores, tiling
+from bench import features, gpu, inference, loader, memory, scale, stores, tiling
 from bench.common import RESULTS, write_results
 from pipeline.config import Config, FeaturesConfig, RayConfig, load_config
 from pipeline.demo.slides import make_demo_slides
@@ -21,7 +22,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny inputs: checks the bench runs, numbers mean little")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json, latest.md and plots go")
+    parser.add_argument("--gpu", action="store_true", help="the GPU figures (features, student step, loader) on one CUDA device, in under 8 minutes")
     args = parser.parse_args()
+    if args.gpu:
+        gpu.measure(DEMO, args.out)
+        return
     work = args.out / "work"
     slides = {path.name: path for path in make_demo_slides(DEMO)}
     tiled_slides = [slides["cmu_small_region.svs"]] if args.quick else [slides["synthetic_40x_large.tiff"], slides["cmu_small_region.svs"]]

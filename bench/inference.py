@@ -12,27 +12,35 @@ import torch
 from bench.common import Row, timed
 from pipeline.precision import autocast
 from distill.student import default_nested_dims
-from pipeline.teachers import create_architecture, get_teacher
+from pipeline.teachers import LoadedTeacher, create_architecture, get_teacher
 
 FIGURE = "5 inference"
 STUDENTS = {"Pathryoshka-S (ViT-S/14 reg4)": "vit_small_patch14_reg4_dinov2", "Pathryoshka-B (ViT-B/14 reg4)": "vit_base_patch14_reg4_dinov2"}
 
 
-def random_module(build) -> torch.nn.Module:
+def random_module(build, device: str = "cpu") -> torch.nn.Module:
     """Build on the meta device, then allocate and fill quickly: a 1B-parameter init is slow and pointless here."""
     with torch.device("meta"):
         module = build()
-    module = module.to_empty(device="cpu").eval()
+    module = module.to_empty(device=device).eval()
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.normal_(0, 0.02)
     return module
 
 
+def random_teacher(name: str, device: str = "cpu") -> LoadedTeacher:
+    """A registry teacher's real architecture with random weights, frozen, as the features stage runs it."""
+    spec = get_teacher(name)
+    return LoadedTeacher(random_module(lambda: create_architecture(spec), device).requires_grad_(False), spec, "random", torch.device(device))
+
+
 def tiles_per_second(module: torch.nn.Module, batch: torch.Tensor, repeat: int) -> float:
     def forward() -> None:
-        with torch.inference_mode(), autocast("cpu", "bf16"):  # as the teachers run here
+        with torch.inference_mode(), autocast(batch.device.type, "bf16"):  # as the teachers run here
             module.forward_features(batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
 
     forward()  # warm-up
     return len(batch) / timed(forward, repeat=repeat)

@@ -55,6 +55,11 @@ def loader_work(data: DistillData, samples: int, settings: DistillConfig, worker
     return consume
 
 
+def loader_rate(data: DistillData, samples: int, settings: DistillConfig) -> float:
+    """Samples/s of a fresh loader with the run's own reading threads, best of two."""
+    return samples / timed(loader_work(data, samples, settings, settings.loader_workers), repeat=2)
+
+
 class JpegChunks:
     """A chunk of tiles as the JPEG tile codec stores it, in memory: one JPEG per tile, same encoder and decoder."""
 

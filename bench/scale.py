@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.common import Row, timed
-from bench.loader import loader_work
+from bench.common import Row
+from bench.loader import loader_rate
 from distill.data import BlockShuffleLoader, DistillData, open_distill_data
 from pipeline.config import Config, DistillConfig, StoreConfig
 from pipeline.stores import (
@@ -178,7 +178,7 @@ def measure(tiled: Config, work: Path, quick: bool) -> list[Row]:
             start_up[run].append(start_up_seconds(run, settings))
             planning[run].append(first_batch_seconds(run, settings))
             data = open_distill_data([run], settings)
-            rate[run].append(samples / timed(loader_work(data, samples, settings, settings.loader_workers), repeat=2))
+            rate[run].append(loader_rate(data, samples, settings))
     start_up_small, start_up_large = min(start_up[small]), min(start_up[large])
     planning_small, planning_large = min(planning[small]), min(planning[large])
     rate_small, rate_large = max(rate[small]), max(rate[large])

@@ -83,6 +83,7 @@ class FeaturesConfig(Strict):
     actors: int | None = Field(None, gt=0, description="actors per pool; none: one per GPU, or one per 2 CPUs without GPUs")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 on GPU clusters)")
     threads_per_actor: int = Field(2, gt=0, description="torch CPU threads per actor")
+    overlap: bool = Field(True, description="each actor reads the next unit and writes the previous one while a unit is in the forward pass (false: one unit at a time)")
 
     @model_validator(mode="after")
     def _teacher_specs_valid(self) -> FeaturesConfig:
@@ -125,6 +126,7 @@ class DistillConfig(Strict):
     log_every: int = Field(10, gt=0, description="steps between reads of the losses from the device (one host sync each); every step is still logged")
     pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together: more chunks, more slides per batch, more memory per reading thread")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
+    compile: bool = Field(False, description="torch.compile the student (needs a C compiler for inductor; pays off on GPUs over long runs)")
 
 
 class EvalDatasetConfig(Strict):

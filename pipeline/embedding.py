@@ -18,7 +18,7 @@ failing its checksum stops the run naming store, array and rows.
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -66,6 +66,12 @@ class ActorSettings:
     actors: int | None = None  # none: one per GPU, or one per threads_per_actor CPUs without GPUs
     gpus_per_actor: float = 0.0
     threads_per_actor: int = 2
+    overlap: bool = True  # read the next unit and write the previous one during a unit's forward pass (EmbedWorker)
+
+    @property
+    def units_in_flight(self) -> int:
+        """Units an actor works on at once: one reading, one in the forward pass, one writing."""
+        return 3 if self.overlap else 1
 
 
 @dataclass
@@ -85,6 +91,15 @@ class EmbedSummary:
 class EmbedWorker:
     """Holds one pool's embedders and an open tile store; computes and writes whole units.
 
+    Up to three units move through an actor at once (Ray runs its calls in ``units_in_flight``
+    threads, the driver keeps that many queued): while one unit is in the forward pass, the next
+    unit's tiles are read and decoded and the previous unit's features are written, so a GPU does
+    not wait for the disk. The bounds: one unit in the forward pass, tiles of at most two units in
+    memory (the one in the forward pass and one read ahead). A call still returns only once its
+    unit is written and marked, so Ray's retries, the markers and resume work per unit as without
+    the overlap, and a failed read or write is that unit's error. Each unit's rows are computed
+    alone, by the same code in the same order, so the overlap changes no byte.
+
     Embedders are built on first use, not in ``__init__``: Ray reports an error raised in a method with
     the error itself (so a missing weights file reaches the user as one line), but an error raised in an
     actor's ``__init__`` only as "the actor died"."""
@@ -96,42 +111,25 @@ class EmbedWorker:
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.tiles = UnitReader(open_tile_store(Path(tile_store)), "tiles", "tiles")
         self.builders, self.settings, self.views = builders, settings, views
+        self.built: dict[str, Embedder] | None = None
+        self.building = threading.Lock()
+        self.forward_pass = threading.Lock()  # one unit on the device at a time
+        self.tiles_in_memory = threading.BoundedSemaphore(2)  # the unit in the forward pass and the one read ahead
 
-    @functools.cached_property
+    @property
     def embedders(self) -> dict[str, Embedder]:
-        return {name: build(self.device) for name, build in self.builders.items()}
+        with self.building:  # the first calls may come in together (after a restart, say): build once
+            if self.built is None:
+                self.built = {name: build(self.device) for name, build in self.builders.items()}
+        return self.built
 
     def provenance(self) -> dict[str, dict]:
         return {name: embedder.provenance() for name, embedder in self.embedders.items()}
 
     def run_unit(self, unit: int, start: int, end: int, outputs: dict[str, tuple[str, str]]) -> dict:
         """Compute and write rows [start, end) for the embedders in ``outputs`` (name -> store path, store id)."""
-        import torch
-
         timings: dict[str, float] = defaultdict(float)
-        began = time.perf_counter()
-        pixels = self.tiles.read(start, end)
-        timings["read"] += time.perf_counter() - began
-        results = {
-            name: {recipe: np.zeros((end - start, len(self.views), width), np.float32) for recipe, width in self.embedders[name].widths.items()}
-            for name in outputs
-        }
-        batch_size = self.settings.batch_size
-        fields = {self.embedders[name].field_px for name in outputs}  # each cut once, for every embedder taking it
-        for view_index, view in enumerate(self.views):
-            for first in range(0, end - start, batch_size):
-                clock = time.perf_counter()
-                block = pixels[first : first + batch_size]
-                batches = {px: torch.from_numpy(np.ascontiguousarray(apply_view(block, view, px))) for px in fields}
-                timings["transform"] += time.perf_counter() - clock
-                for name in outputs:
-                    embedder = self.embedders[name]
-                    batch = batches[embedder.field_px]
-                    clock = time.perf_counter()
-                    embedded = embedder.embed(batch.to(embedder.device))
-                    timings[f"forward:{name}"] += time.perf_counter() - clock
-                    for recipe, values in embedded.items():
-                        results[name][recipe][first : first + len(batch), view_index] = values.float().cpu().numpy()
+        results = self._read_and_embed(start, end, list(outputs), timings)
         for name, recipes in results.items():
             for recipe, values in recipes.items():
                 bad = ~np.isfinite(values).all(axis=(1, 2)) | (np.abs(values).max(axis=(1, 2)) > FLOAT16_MAX)
@@ -146,6 +144,39 @@ class EmbedWorker:
             timings["write"] += time.perf_counter() - clock
         return {"rows": end - start, "timings": dict(timings)}
 
+    def _read_and_embed(self, start: int, end: int, names: list[str], timings: dict[str, float]) -> dict[str, dict[str, np.ndarray]]:
+        """Each embedder's float32 [rows, views, width] per recipe; the unit's tiles are let go on return."""
+        import torch
+
+        with self.tiles_in_memory:
+            clock = time.perf_counter()
+            pixels = self.tiles.read(start, end)
+            timings["read"] += time.perf_counter() - clock
+            with self.forward_pass:
+                embedders = {name: self.embedders[name] for name in names}
+                results = {
+                    name: {recipe: np.zeros((end - start, len(self.views), width), np.float32) for recipe, width in embedder.widths.items()}
+                    for name, embedder in embedders.items()
+                }
+                batch_size = self.settings.batch_size
+                fields = {embedder.field_px for embedder in embedders.values()}  # each cut once, for every embedder taking it
+                for view_index, view in enumerate(self.views):
+                    for first in range(0, end - start, batch_size):
+                        clock = time.perf_counter()
+                        block = pixels[first : first + batch_size]
+                        batches = {px: torch.from_numpy(np.ascontiguousarray(apply_view(block, view, px))) for px in fields}
+                        if self.device == "cuda":  # page-locked: the copy to the device does not block
+                            batches = {px: batch.pin_memory() for px, batch in batches.items()}
+                        timings["transform"] += time.perf_counter() - clock
+                        for name, embedder in embedders.items():
+                            batch = batches[embedder.field_px]
+                            clock = time.perf_counter()
+                            embedded = embedder.embed(batch.to(embedder.device, non_blocking=True))
+                            for recipe, values in embedded.items():  # the copy back waits for the device: the timing is the forward's
+                                results[name][recipe][first : first + len(batch), view_index] = values.float().cpu().numpy()
+                            timings[f"forward:{name}"] += time.perf_counter() - clock
+        return results
+
 
 def embed_pool(
     tiles: Store[TileStoreAttrs], builders: dict[str, Callable[[str], Embedder]], out_paths: dict[str, Path],
@@ -155,47 +186,51 @@ def embed_pool(
     tiles.require_intact("tiles", arrays=["tiles"])
     units = tiles.units()
     actor_count = settings.actors or _default_actor_count(settings)
-    worker_class = ray.remote(num_cpus=settings.threads_per_actor, num_gpus=settings.gpus_per_actor, max_restarts=3, max_task_retries=3)(EmbedWorker)
+    worker_class = ray.remote(
+        num_cpus=settings.threads_per_actor, num_gpus=settings.gpus_per_actor, max_concurrency=settings.units_in_flight, max_restarts=3, max_task_retries=3,
+    )(EmbedWorker)
     workers = [worker_class.remote(str(tiles.path), builders, settings, views) for _ in range(actor_count)]
-    provenance = ray.get(workers[0].provenance.remote())
-    outputs, missing = {}, {}
-    for name, path in out_paths.items():
-        store_id, missing[name] = prepare_feature_store(path, tiles, provenance[name], views, store, overwrite)
-        outputs[name] = (str(path), store_id)
-        if not missing[name]:
-            summary.skipped.append(name)
-    # Each unit is computed for the embedders whose stores lack it: a finished store is never rewritten.
-    queue = [(unit, {n: outputs[n] for n in out_paths if unit in missing[n]}) for unit in range(len(units))]
-    queue = [(unit, wanted) for unit, wanted in queue if wanted]
-    summary.units_run += sum(len(wanted) for _, wanted in queue)
-    markers = [UnitMarkers(Path(path), store_id) for path, store_id in outputs.values()]
-    pending: dict = {}  # ref -> the worker running it
+    try:  # the actors go when the pool ends, failed or not: none goes on writing units after an error
+        provenance = ray.get(workers[0].provenance.remote())
+        outputs, missing = {}, {}
+        for name, path in out_paths.items():
+            store_id, missing[name] = prepare_feature_store(path, tiles, provenance[name], views, store, overwrite)
+            outputs[name] = (str(path), store_id)
+            if not missing[name]:
+                summary.skipped.append(name)
+        # Each unit is computed for the embedders whose stores lack it: a finished store is never rewritten.
+        queue = [(unit, {n: outputs[n] for n in out_paths if unit in missing[n]}) for unit in range(len(units))]
+        queue = [(unit, wanted) for unit, wanted in queue if wanted]
+        summary.units_run += sum(len(wanted) for _, wanted in queue)
+        markers = [UnitMarkers(Path(path), store_id) for path, store_id in outputs.values()]
+        pending: dict = {}  # ref -> the worker running it
 
-    def feed_workers() -> None:
-        for worker in workers:
-            while queue and list(pending.values()).count(worker) < 2:  # one running, one waiting: no idle actor
-                unit, wanted = queue.pop(0)
-                pending[worker.run_unit.remote(unit, *units[unit], wanted)] = worker
+        def feed_workers() -> None:
+            for worker in workers:
+                while queue and list(pending.values()).count(worker) <= settings.units_in_flight:  # one more waiting: no idle actor
+                    unit, wanted = queue.pop(0)
+                    pending[worker.run_unit.remote(unit, *units[unit], wanted)] = worker
 
-    started = time.perf_counter()
-    with progress_bar() as progress:
-        remaining = sum(units[unit][1] - units[unit][0] for unit, _ in queue)
-        task = progress.add_task(f"embedding {'+'.join(out_paths)}", total=summary.n_rows, completed=summary.n_rows - remaining, rate="")
-        feed_workers()
-        for _, stats in completed(pending):
+        started = time.perf_counter()
+        with progress_bar() as progress:
+            remaining = sum(units[unit][1] - units[unit][0] for unit, _ in queue)
+            task = progress.add_task(f"embedding {'+'.join(out_paths)}", total=summary.n_rows, completed=summary.n_rows - remaining, rate="")
             feed_workers()
-            summary.rows_done += stats["rows"]
-            for key, seconds in stats["timings"].items():
-                summary.timings[key] += seconds
-            rate = summary.rows_done / (summary.units_seconds + time.perf_counter() - started)
-            progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
-            for store_markers in markers:
-                store_markers.fold_if_due()
-    summary.units_seconds += time.perf_counter() - started
-    for store_markers in markers:
-        store_markers.fold()
-    for worker in workers:
-        ray.kill(worker)
+            for _, stats in completed(pending):
+                feed_workers()
+                summary.rows_done += stats["rows"]
+                for key, seconds in stats["timings"].items():
+                    summary.timings[key] += seconds
+                rate = summary.rows_done / (summary.units_seconds + time.perf_counter() - started)
+                progress.update(task, advance=stats["rows"], rate=f"{rate:.0f} tiles/s")
+                for store_markers in markers:
+                    store_markers.fold_if_due()
+        summary.units_seconds += time.perf_counter() - started
+        for store_markers in markers:
+            store_markers.fold()
+    finally:
+        for worker in workers:
+            ray.kill(worker)
 
 
 def _default_actor_count(settings: ActorSettings) -> int:

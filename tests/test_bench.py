@@ -24,3 +24,10 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert (tmp_path / "latest.md").read_text().count("\n") == len(rows) + 2
     assert (tmp_path / "plots" / "memory.png").stat().st_size > 0
     assert "benchmarks" in result.stdout
+
+
+def test_gpu_bench_without_cuda_says_so_and_exits_0(tmp_path):
+    """The GPU figures cannot run here (no CUDA); the command must still end cleanly, writing nothing."""
+    result = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no CUDA device here" in result.stdout and not list(tmp_path.iterdir())

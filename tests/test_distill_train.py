@@ -21,7 +21,10 @@ import zarr
 from distill import load_student
 from distill.embed import embed_tile_store
 from distill.export import StudentError
-from distill.train import learning_rate, run_distill
+from distill.data import Rows
+from distill.standardize import Standardizer
+from distill.student import NestedHeads
+from distill.train import Distiller, build_student, compile_student, forward_backward, learning_rate, load_optimizer_state, make_optimizer, optimizer_step, run_distill, seed_everything
 from distill_run import config_for, make_run, write_config
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.run_report import read_report
@@ -231,3 +234,65 @@ def test_resume_refuses_changed_training_settings_unless_accepted_and_records_th
     assert longer["steps"] == 8 and [s["changed"] for s in longer["settings_history"]][2:] == [{"steps": [6, 8]}]
     with pytest.raises(ConfigError, match="distill.steps 5 is below step 8"):
         run_distill(config_for(run_dir, **{**changed, "steps": 5}), resume=True, accept_changes=True)
+
+
+TINY = DistillConfig(
+    student="vit_tiny_patch16_224", student_kwargs={"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2},
+    nested_dims=[16, 32], head_hidden=16, precision="fp32", warmup_steps=0,
+)
+
+
+def tiny_distiller(settings: DistillConfig) -> Distiller:
+    seed_everything(0)
+    student = build_student(settings, 32)
+    heads = NestedHeads({"alpha": 12}, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    return Distiller(student, heads, {"alpha": Standardizer(torch.zeros(12), torch.ones(12))}, settings)
+
+
+@pytest.mark.slow
+def test_a_compiled_student_takes_the_steps_of_the_eager_one(one_thread):
+    """distill.compile through inductor (gcc here): ~2 min the first time on a machine, ~15 s once
+    inductor's cache holds the kernels. Same losses and weights as eager, same state_dict keys."""
+    rng = np.random.default_rng(0)
+    batch = Rows(
+        rows=np.arange(8), slides=np.zeros(8, int), views=np.zeros(8, int),
+        tiles=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), targets={"alpha": rng.normal(size=(8, 12)).astype(np.float16)},
+    )
+
+    def train(compiled: bool) -> tuple[list[float], dict]:
+        model = tiny_distiller(TINY.model_copy(update={"compile": compiled}))
+        if compiled:
+            compile_student(model)
+        optimizer = make_optimizer(model, TINY)
+        losses = []
+        for _ in range(3):
+            loss, _ = forward_backward(model, model, batch, TINY)
+            optimizer_step(model, optimizer, TINY)
+            losses.append(loss.item())
+        return losses, model.student.state_dict()
+
+    eager_losses, eager_weights = train(False)
+    compiled_losses, compiled_weights = train(True)
+    assert list(compiled_weights) == list(eager_weights)  # checkpoints and exports cannot tell
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_a_checkpoint_of_a_fused_optimizer_resumes_with_this_machines_kernel():
+    """AdamW is fused only on a GPU; a GPU run's optimizer state resumed on this CPU keeps its moments but not the flag."""
+    model = tiny_distiller(TINY)
+    optimizer = make_optimizer(model, TINY)
+    assert [group["fused"] for group in optimizer.param_groups] == [False, False]
+    on_gpu = make_optimizer(model, TINY)
+    for group in on_gpu.param_groups:
+        group["fused"] = True  # as make_optimizer sets it for parameters on a GPU (torch also runs it on CPUs)
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    on_gpu.step()
+    load_optimizer_state(optimizer, on_gpu.state_dict())
+    assert [group["fused"] for group in optimizer.param_groups] == [False, False]
+    first = next(model.parameters())
+    assert torch.equal(optimizer.state[first]["exp_avg"], on_gpu.state[first]["exp_avg"]) and optimizer.state[first]["exp_avg"].abs().sum() > 0
+    with pytest.raises(ValueError, match="compile"):
+        DistillConfig(compile="sometimes")

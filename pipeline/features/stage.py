@@ -3,9 +3,10 @@
 Ray actors each load every teacher of their pool once, then take whole units (the tile store's
 shards of rows): a unit's tiles are read and decoded once and each teacher is given its published
 field of view at its published mpp (checked before any model is built: pipeline/teacher_input.py),
-to which it applies its own resize and normalisation. Each teacher's rows go to its own store; a
-marker per store and unit follows the write (folded into the store's unit index), so reruns compute
-only unfinished units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed
+to which it applies its own resize and normalisation, while the actor reads the next unit and
+writes the previous one (``features.overlap``). Each teacher's rows go to its own store; a marker
+per store and unit follows the write (folded into the store's unit index), so reruns compute only
+unfinished units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed
 whole, so retries and reruns write identical bytes.
 """
 
@@ -76,7 +77,7 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
     inputs = plan_teacher_inputs(list(specs.values()), tiling, views, settings.off_scale)  # each teacher at its published scale, before any model
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
-    actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor)
+    actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor, settings.overlap)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
             builders = {
