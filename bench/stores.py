@@ -6,7 +6,7 @@ tiles of the real SVS (data/demo/cmu_small_region.svs, read at the demo settings
 the `tiles` array on disk against the lossless store, PSNR of the decoded store against the read
 pixels, and tiles/s read through zarr against the decode floor: the same codec on the same bytes
 (each chunk's Blosc frame, or each tile's JPEG) decoded in a plain loop, spread over as many threads
-as zarr's pool may use. The two are timed interleaved, best of several repeats.
+as zarr's pool may use. The two are timed in alternating pairs; the ratio is the median of the pairs'.
 
 The alternative representation of JPEG tiles, a variable-length bytes array of one JPEG per row
 decoded by the reader, is measured the same way against the same floor (docs/design.md says why the
@@ -121,7 +121,7 @@ def decode_rows(array: zarr.Array, out: np.ndarray, pool: ThreadPoolExecutor) ->
     return out
 
 
-def interleaved(measured, floor, repeat: int, passes: int) -> tuple[float, float, float]:
+def paired_against_floor(measured, floor, repeat: int, passes: int) -> tuple[float, float, float]:
     """Best seconds per pass of each, timed alternately, and the median of the pairs' speed ratios
     (measured against floor): on a loaded machine a pair sees the same load, the best times need not."""
     pairs = [(timed(lambda: [measured() for _ in range(passes)]), timed(lambda: [floor() for _ in range(passes)])) for _ in range(repeat)]
@@ -138,7 +138,7 @@ def tile_codec_rows(tiles: np.ndarray, work: Path, quick: bool) -> list[Row]:
             array = tile_store(path, tiles, store)
             sizes[name], fidelity[name] = directory_bytes(path / "tiles") / n, psnr(array[:], tiles)
             floor, out = floor_decoder(tiles, store), default_buffer_prototype().nd_buffer.from_numpy_array(np.empty_like(tiles))
-            through_zarr, raw, ratio = interleaved(lambda: array.get_basic_selection(slice(0, n), out=out), lambda: floor(pool), repeat, passes)
+            through_zarr, raw, ratio = paired_against_floor(lambda: array.get_basic_selection(slice(0, n), out=out), lambda: floor(pool), repeat, passes)
             rows.append(Row(
                 FIGURE, f"tiles {name}{' (default)' if name == default else ''}: read through zarr", n / through_zarr, "tiles/s",
                 f"decode floor ({n / raw:,.0f} tiles/s, {THREADS} threads)", ratio,
@@ -149,7 +149,7 @@ def tile_codec_rows(tiles: np.ndarray, work: Path, quick: bool) -> list[Row]:
         path = work / "codec-vlen-jpeg.zarr"
         alternative, floor = vlen_jpeg_array(path, tiles, DEFAULT), floor_decoder(tiles, DEFAULT)
         out = np.empty_like(tiles)
-        through_vlen, raw, ratio = interleaved(lambda: decode_rows(alternative, out, pool), lambda: floor(pool), repeat, passes)
+        through_vlen, raw, ratio = paired_against_floor(lambda: decode_rows(alternative, out, pool), lambda: floor(pool), repeat, passes)
         rows.append(Row(
             FIGURE, f"tiles {default} as a vlen-bytes array, decoded by the reader", n / through_vlen, "tiles/s", f"decode floor ({n / raw:,.0f} tiles/s)", ratio,
             note=f"{directory_bytes(path) / n / 1024:.1f} KiB/tile; the alternative representation, not used",
