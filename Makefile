@@ -33,8 +33,10 @@ distill: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) cli.py evaluate --config $(CONFIG)
 
+# Two workers, one test file each (--dist loadfile keeps a module's local Ray or Slurm cluster in one
+# worker): much of the suite waits on Ray start-up and subprocesses, so two fill two cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed $(DEMO)
 	$(PY) -m bench

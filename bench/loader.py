@@ -95,11 +95,13 @@ def decode_floor_work(arrays: list[zarr.Array], chunks: np.ndarray, threads: int
 
 
 def io_layer_works(arrays: list[zarr.Array], pools: list[np.ndarray]) -> dict[str, object]:
-    """Reading the pools' chunks of `arrays` into reused buffers through each candidate I/O layer."""
+    """Reading the pools' chunks of `arrays` into reused buffers through each candidate I/O layer
+    (tensorstore only where it decodes the arrays' codecs: not the JPEG tile codec)."""
     rows = arrays[0].chunks[0]
     buffers = [np.empty((rows * max(map(len, pools)), *a.shape[1:]), a.dtype) for a in arrays]
     wrap = default_buffer_prototype().nd_buffer.from_numpy_array
-    stores = [open_tensorstore(a) for a in arrays]
+    tensorstore_reads = not any(isinstance(a.serializer, JpegTileCodec) for a in arrays)
+    stores = [open_tensorstore(a) for a in arrays] if tensorstore_reads else []
 
     def per_chunk() -> None:
         for pool in pools:
@@ -119,7 +121,8 @@ def io_layer_works(arrays: list[zarr.Array], pools: list[np.ndarray]) -> dict[st
             for buffer, i, future in futures:
                 buffer[i * rows : (i + 1) * rows] = future.result()
 
-    return {"zarr-python, a call per chunk": per_chunk, "zarr async API, a pool per call": lambda: [sync(gather(p)) for p in pools], "tensorstore, a pool per batch": tensorstore_batch}
+    works = {"zarr-python, a call per chunk": per_chunk, "zarr async API, a pool per call": lambda: [sync(gather(p)) for p in pools]}
+    return works | ({"tensorstore, a pool per batch": tensorstore_batch} if tensorstore_reads else {})
 
 
 def rank_epoch(run_dir: str, settings: dict, rank: int) -> tuple[np.ndarray, int, float]:
@@ -182,7 +185,8 @@ def measure(tiled: Config, work: Path, quick: bool, demo_teacher_rates: dict[str
     for part, arrays in (("tiles", [tiles]), ("targets", targets)):
         layer_seconds = interleaved({"floor": decode_floor_work(arrays, chunks, 1), **io_layer_works(arrays, pools)}, repeat)
         layers[part] = {name: s / layer_seconds["floor"] for name, s in layer_seconds.items() if name != "floor"}
-    rank_rows, owned, slower = two_ranks(tiled.run.resolve(), settings)
+    ranked = settings.model_copy(update={"pool_chunks": max(1, min(settings.pool_chunks, -(-n_rows // tiles.chunks[0]) // 2))})  # two ranks need two pools
+    rank_rows, owned, slower = two_ranks(tiled.run.resolve(), ranked)
     if set(rank_rows[0].tolist()) & set(rank_rows[1].tolist()) or sorted(np.concatenate(rank_rows).tolist()) != list(range(n_rows)):
         raise AssertionError(f"the two ranks' epochs are not disjoint halves of the {n_rows} rows")
     ddp = sum(owned) / slower
@@ -201,7 +205,7 @@ def measure(tiled: Config, work: Path, quick: bool, demo_teacher_rates: dict[str
         Row(FIGURE_LOADER, "loader vs per-tile HDF5 (TRIDENT/CLAM layout)", loader, "samples/s", f"per-tile h5py ({hdf5_per_sample:,.0f}/s)", loader / hdf5_per_sample),
         Row(FIGURE_LOADER, "loader vs the training step", loader, "samples/s", f"student step on in-memory batches ({speed['step']:,.1f}/s)", loader / speed["step"], ">= 1.0", "> 1: the step never waits for data"),
         Row(FIGURE_LOADER, "2 processes as DDP ranks 0 and 1: rows the busier rank reads", max(owned), "rows", f"the epoch ({n_rows} rows)", max(owned) / n_rows, "<= 0.6",
-            f"ranks read {owned[0]} + {owned[1]} rows, disjoint, union the epoch; {ddp:,.0f} samples/s together (pools of {settings.pool_chunks} chunks: halves up to one pool)"),
+            f"ranks read {owned[0]} + {owned[1]} rows, disjoint, union the epoch; {ddp:,.0f} samples/s together (pools of {ranked.pool_chunks} chunks: halves up to one pool)"),
     ]
     rows += [
         Row(FIGURE_LOADER, f"I/O layer for {part}: {name}", cost, "x the decode time", "decode floor, 1 thread", 1 / cost, note="information: the chosen layer is distill/pools.py's")

@@ -117,6 +117,15 @@ def mark_all(path: Path, store_id: str, n_rows: int, flags: np.ndarray | None = 
         UnitMarkers(path, store_id).mark(unit, {"start": start, "end": end, **record})
 
 
+# A registry-free teacher published for make_run's 64 px tiles at 0.5 um/px, so that `features` on such a
+# run passes the scale check (the demo stand-ins take 224 px fields).
+TINY_TEACHER = {
+    "source": "random:0", "stand_in": True, "arch": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "depth": 1},
+    "target_mpp": 0.5, "input_px": 64, "resize": "resize", "resize_px": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+    "recipes": {"cls": "cls"}, "widths": {"cls": 192},
+}
+
+
 def config_for(run_dir: Path, **distill) -> Config:
     return Config.model_validate({"run": str(run_dir), "distill": {**STUDENT, "head_hidden": 64, "nested_dims": [16, 64, 192], **distill}})
 

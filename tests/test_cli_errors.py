@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from distill_run import make_run
+from distill_run import TINY_TEACHER, make_run
 from typer.testing import CliRunner
 
 import distill
@@ -140,15 +140,11 @@ def test_input_errors_are_still_value_errors():
 def test_missing_teacher_weights_are_one_line_from_inside_the_actor(tmp_path, he_pixels):
     """Teachers are built inside Ray actors: a weights file that is not there still reaches the user as one line."""
     make_run(tmp_path / "run", he_pixels)
-    tiny = {  # published for the run's 64 px tiles, so the scale check passes and the actor is reached
-        "source": "random:0", "stand_in": True, "arch": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "depth": 1},
-        "target_mpp": 0.5, "input_px": 64, "resize": "resize", "resize_px": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "recipes": {"cls": "cls"}, "widths": {"cls": 192},
-    }
     config = tmp_path / "weights.yaml"
     config.write_text(yaml.safe_dump({
         "run": str(tmp_path / "run"), "ray": {"num_cpus": 1},
         "features": {
-            "teachers": ["tiny"], "teacher_specs": {"tiny": tiny}, "weights": {"tiny": str(tmp_path / "absent.safetensors")},
+            "teachers": ["tiny"], "teacher_specs": {"tiny": TINY_TEACHER}, "weights": {"tiny": str(tmp_path / "absent.safetensors")},
             "actors": 1, "threads_per_actor": 1,
         },
     }))

@@ -18,7 +18,8 @@ import pytest
 from distill.embed import embed_tile_store
 from distill.export import SCHEMA as STUDENT_SCHEMA
 from distill.train import run_distill
-from distill_run import config_for, make_run
+from distill_run import TINY_TEACHER, config_for, make_run
+from pipeline.config import FeaturesConfig
 from pipeline.features.stage import run_features
 from pipeline.locks import LockedError, exclusive
 from pipeline.stores import RunDir
@@ -69,11 +70,11 @@ def test_tiles_refuses_at_once_while_another_run_holds_the_run_directory(tmp_pat
 def test_features_distill_and_embed_refuse_while_their_lock_is_held(tmp_path, he_pixels):
     run = tmp_path / "run"
     make_run(run, he_pixels)
-    config = config_for(run)
+    config = config_for(run).model_copy(update={"features": FeaturesConfig(teachers=["tiny"], teacher_specs={"tiny": TINY_TEACHER})})
     with held_by_another_process(RunDir(run).lock("features")) as holder:
         with pytest.raises(LockedError, match=holder_named(holder)):
-            run_features(config, ["demo-vit"])
-    assert not (run / "features" / "demo-vit.zarr").exists()
+            run_features(config)
+    assert not (run / "features" / "tiny.zarr").exists()
     with held_by_another_process(RunDir(run).lock("distill")) as holder:
         with pytest.raises(LockedError, match=holder_named(holder)):
             run_distill(config)

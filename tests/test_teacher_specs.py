@@ -26,6 +26,8 @@ from feature_run import settings, small_slide, write_config
 from hub_cache import cached_snapshot, use_offline_cache
 from pipeline.config import ConfigError, load_config
 from pipeline.features.stage import run_features
+from pipeline.stores import Tiling
+from pipeline.teacher_input import plan_teacher_input
 from pipeline.teacher_specs import TeacherSpecError, parse_teacher_specs
 from pipeline.teachers import TeacherSpec, UnknownTeacherError, build_teacher, get_teacher
 from pipeline.tiles.stage import run_tiles
@@ -125,7 +127,8 @@ def test_each_library_s_teacher_runs_through_features_offline_as_its_own_loader_
     for name, folder in offline_hub.items():
         store = zarr.open_group(str(config.run / "features" / f"{name}.zarr"), mode="r")
         spec = get_teacher(name, parse_teacher_specs(SPECS))
-        provenance = json.loads(json.dumps(build_teacher(spec).provenance()))  # as stored: tuples become lists
+        given = plan_teacher_input(spec, Tiling.from_config(config), [{"name": "identity"}]).as_record()  # as the stage records it
+        provenance = json.loads(json.dumps(build_teacher(spec, input_record=given).provenance()))  # as stored: tuples become lists
         assert store.attrs["teacher"] == provenance  # the YAML spec and the weights' hash are the store's provenance
         assert store.attrs["teacher"]["loader"] == spec.loader and store.attrs["teacher"]["source"] == f"hf-hub:localorg/{name}"
         expected = own_forward(name, folder, tiles)
