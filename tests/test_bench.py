@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(1000)  # the subprocess's own 900 s bound decides, not pytest's default 600 s: the quick bench takes 3-5 min beside another test file
 def test_quick_bench_writes_every_figure(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
