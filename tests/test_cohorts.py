@@ -75,19 +75,19 @@ def test_runs_start_on_chunk_boundaries_and_batches_carry_each_run_s_own_rows(tw
 
 def test_a_slide_in_both_runs_is_on_one_side(two_runs):
     """Run b's slide-1 is run a's slide-3 again (same content hash): one slide, held out or trained on whole."""
-    folder = two_runs[0][0].parent / "shared"
+    folder = two_runs[0][0].parent / "common"
     runs = [shutil.copytree(run, folder / run.name) for run, _ in two_runs]
-    for run, hashes in zip(runs, ({"slide-3": "sha256:shared"}, {"slide-1": "sha256:shared"})):
+    for run, hashes in zip(runs, ({"slide-3": "sha256:common"}, {"slide-1": "sha256:common"})):
         group = zarr.open_group(str(run / "tiles.zarr"), mode="r+")
         group.attrs["slides"] = [{**s, "hash": hashes.get(s["name"], f"sha256:{run.name}-{s['name']}")} for s in group.attrs["slides"]]
-    for val_slides, shared_side in ((1, "train"), (2, "val")):
+    for val_slides, common_side in ((1, "train"), (2, "val")):
         data = open_distill_data(runs, DistillConfig(**STUDENT, val_slides=val_slides))
         sides = {"train": data.split.train, "val": data.split.val}
         assert not {s.record.hash for s in sides["train"]} & {s.record.hash for s in sides["val"]}
-        assert sorted((s.run.name, s.record.name) for s in sides[shared_side] if s.record.hash == "sha256:shared") == [("a", "slide-3"), ("b", "slide-1")]
-        other = data.rows_of(sides["val" if shared_side == "train" else "train"])
+        assert sorted((s.run.name, s.record.name) for s in sides[common_side] if s.record.hash == "sha256:common") == [("a", "slide-3"), ("b", "slide-1")]
+        other = data.rows_of(sides["val" if common_side == "train" else "train"])
         assert not other[392 + SLIDE_ROWS[0] : 392 + sum(SLIDE_ROWS[:2])].any()  # no row of b's copy on the other side
-    assert len(data.split.val) == 3  # the shared group (two slides) and run b's slide-3
+    assert len(data.split.val) == 3  # the common group (two slides) and run b's slide-3
 
 
 def test_runs_that_do_not_match_are_refused_naming_both_and_the_fix(two_runs, tmp_path, he_pixels):
@@ -119,13 +119,13 @@ def test_runs_that_do_not_match_are_refused_naming_both_and_the_fix(two_runs, tm
 
 @pytest.fixture(scope="module")
 def tiled_runs(tmp_path_factory, slide_factory, he_pixels, local_ray):
-    """Two runs tiled separately from real slide files: `a` from slides x and shared, `b` from shared and
+    """Two runs tiled separately from real slide files: `a` from slides x and common, `b` from common and
     y; the synthetic teachers alpha and beta computed on each run's stored tiles."""
     folder = tmp_path_factory.mktemp("tiled")
-    crops = {"x": (0, 0), "shared": (1000, 700), "y": (2000, 1400)}
+    crops = {"x": (0, 0), "common": (1000, 700), "y": (2000, 1400)}
     slides = {name: slide_factory(f"{name}.tiff", he_pixels[r : r + 384, c : c + 512], mpp=0.5, levels=1) for name, (r, c) in crops.items()}
     runs = {}
-    for run, names in (("a", ("x", "shared")), ("b", ("shared", "y"))):
+    for run, names in (("a", ("x", "common")), ("b", ("common", "y"))):
         config = tile_settings(folder / run, slides[names[0]])
         config = {**config, "slides": [str(slides[name]) for name in names], "tiling": {"tile_px": 64}}
         run_tiles(Config.model_validate(config))
@@ -136,12 +136,12 @@ def tiled_runs(tmp_path_factory, slide_factory, he_pixels, local_ray):
 
 
 def test_copies_of_a_slide_file_tiled_in_two_runs_share_a_hash_and_a_side(tiled_runs):
-    """Run a holds x and shared, run b shared and y: one held out is y (run b's last); two are y and
-    then run a's last group, shared, with its copy in run b."""
-    for val_slides, shared_side in ((1, "train"), (2, "val")):
+    """Run a holds x and common, run b common and y: one held out is y (run b's last); two are y and
+    then run a's last group, common, with its copy in run b."""
+    for val_slides, common_side in ((1, "train"), (2, "val")):
         split = open_distill_data([tiled_runs["a"], tiled_runs["b"]], DistillConfig(**STUDENT, val_slides=val_slides)).split
         sides = {"train": split.train, "val": split.val}
-        copies = [s for s in sides[shared_side] if s.record.name == "shared"]
+        copies = [s for s in sides[common_side] if s.record.name == "common"]
         assert sorted(s.run.name for s in copies) == ["a", "b"] and copies[0].record.hash == copies[1].record.hash is not None
         assert not {s.record.hash for s in split.train} & {s.record.hash for s in split.val}
         assert [s.record.name for s in split.val][-1] == "y"
@@ -166,8 +166,8 @@ def test_distill_over_two_runs_records_them_and_fidelity_is_measured_over_both(t
         assert part["tile_store_id"] == open_tile_store(tiled_runs[run] / "tiles.zarr").attrs.store_id
         features = {t: zarr.open_group(str(tiled_runs[run] / "features" / f"{t}.zarr"), mode="r").attrs["store_id"] for t in ("alpha", "beta")}
         assert part["feature_store_ids"] == features
-    # val_slides 1: y (run b's last slide) is held out; x and both copies of shared are trained on
-    assert [[s["name"] for s in part["slides"]["train"]] for part in composition] == [["x", "shared"], ["shared"]]
+    # val_slides 1: y (run b's last slide) is held out; x and both copies of common are trained on
+    assert [[s["name"] for s in part["slides"]["train"]] for part in composition] == [["x", "common"], ["common"]]
     assert [[s["name"] for s in part["slides"]["val"]] for part in composition] == [[], ["y"]]
     assert [part["rows"] for part in composition] == [{"train": 96, "val": 0}, {"train": 48, "val": 48}]
     assert summary["rows"] == {"train": 144, "val": 48} and summary["composition"] == composition
