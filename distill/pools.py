@@ -2,10 +2,10 @@
 
 The I/O layer under each array is chosen by measurement on the demo store (bench figure 3, its
 I/O-layer rows: time to read a pool's chunks into the buffers, over the codec's own decode time):
-- tiles through zarr-python, one `get_basic_selection(out=...)` per chunk: 1.41x, against tensorstore
-  1.34x (within the noise of a loaded machine: 1.34x and 1.57x the other way round in an earlier run)
-  and zarr's async API gathering the pool in one call 1.77x; and only zarr-python decodes the tile
-  codecs registered with it;
+- tiles through zarr's async API, the pool's chunks gathered in one call (each into its place in the
+  buffer), so zarr decodes them concurrently in its codec threads: 0.72x the single-thread decode time,
+  against 1.18x for zarr-python a call per chunk (`make bench` on a quiet machine, 2026-12-01; on a
+  loaded one the two were within noise); tensorstore does not decode the JPEG tile codec;
 - targets through tensorstore on the same zarr v3 arrays, the whole pool's reads issued at once:
   1.6x, against 45x for zarr-python a call per chunk and 30x for its async gather. A chunk of targets
   is ~1 KB a row, so zarr-python's ~2 ms per call is almost all of its cost.
@@ -14,14 +14,16 @@ Both verify the stored crc32c checksums; a chunk that fails becomes a StoreDamag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 import zarr
+from zarr.core.sync import sync
 
 if TYPE_CHECKING:
     from distill.cohort import Source
@@ -69,9 +71,14 @@ class PoolBuffers:
             for teacher, store in span.source.target_stores.items():
                 span.source.target_readers[teacher].require_rows(np.array([span.start, span.end - 1]))
                 pending.append((teacher, span, offset, store[span.start : span.end].read()))
-        for span, offset in zip(spans, offsets):
-            span.source.tile_reader.read(span.start, span.end, out=self.tiles[offset : offset + len(span)])
+        sync(gather([  # the units are checked here, outside zarr's event loop; the chunks decode concurrently inside it
+            span.source.tile_reader.read_into(span.start, span.end, self.tiles[offset : offset + len(span)]) for span, offset in zip(spans, offsets)
+        ]))
         for teacher, span, offset, future in pending:
             with span.source.target_readers[teacher].reading(span.start, span.end):
                 self.targets[teacher][offset : offset + len(span)] = future.result()
         return np.concatenate([np.arange(s.first_row, s.first_row + len(s)) for s in spans])
+
+
+async def gather(reads: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*reads)

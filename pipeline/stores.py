@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -450,6 +450,18 @@ class UnitReader:
                 return self.array[start:end]
             self.array.get_basic_selection(slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
             return out
+
+    def read_into(self, start: int, end: int, out: np.ndarray) -> Coroutine[Any, Any, None]:
+        """Rows [start, end), checked now, decoded into `out` by the coroutine returned, for zarr's event loop:
+        a reader that gathers a pool's chunks in one call lets zarr decode them concurrently (its codecs
+        run in threads), where a call per chunk decodes one chunk at a time."""
+        self._require_units(set(range(start // self.unit_rows, (end - 1) // self.unit_rows + 1)))
+        return self._decode_into(start, end, out)
+
+    async def _decode_into(self, start: int, end: int, out: np.ndarray) -> None:
+        with self.reading(start, end):
+            wrapped = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+            await self.array.async_array.get_orthogonal_selection((slice(start, end),), out=wrapped)
 
     def _require_units(self, units: set[int]) -> None:
         unchecked = units - self.intact
