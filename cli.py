@@ -131,7 +131,7 @@ def distill(
 def embed(
     student: Annotated[Path, typer.Option(help="exported student directory (RUN/student)")],
     tiles_store: Annotated[Path, typer.Option("--tiles", help="tile store to embed")],
-    out_store: Annotated[Path, typer.Option("--out", help="feature store to write (schema pathdistill.features/1)")],
+    out_store: Annotated[Path, typer.Option("--out", help="feature store to write (schema pathdistill.features/2)")],
     dim: Annotated[int, typer.Option(help="nested embedding width to keep")],
 ) -> None:
     """Student embeddings at one nested width for a tile store, into a feature store."""
