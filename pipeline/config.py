@@ -108,6 +108,9 @@ class DistillConfig(Strict):
     dim_weights: dict[int, float] = Field(default_factory=dict)
     alpha: float = Field(0.9, ge=0, description="weight of (1 - cosine)")
     beta: float = Field(0.1, ge=0, description="weight of smooth-L1")
+    spatial_weight: float = Field(0.0, ge=0, description="weight of the spatial (grid) loss beside the summary loss; 0: off (needs features.grid: k)")
+    mask_ratio: float = Field(0.0, ge=0, lt=1, description="masked-token regression: share of grid cells whose patches the student sees masked; 0: off (needs a ViT student and features.grid: k)")
+    masked_weight: float = Field(1.0, ge=0, description="weight of the masked-cell regression term")
     standardize: Literal["phi-s", "zscore"] = "phi-s"
     standardize_sample: int = Field(4096, gt=1, description="rows sampled to fit the target standardizer")
     steps: int = Field(300, gt=0)
