@@ -3,7 +3,8 @@
 A lab tiles and featurises each cohort once, in its own run, and trains on any list of runs. The
 runs must agree on everything that decides what the student is shown and taught: the pixels
 (target mpp, tile side, stored side with context) and the read unit (chunk rows), and per teacher
-the weights (its provenance), the recipe and its width, and the views. Their rows are laid end to
+the weights (its provenance), the recipe and its width, the views and, when a spatial term reads
+grids, the grid's k. Their rows are laid end to
 end in one global row index in which each run starts on a chunk boundary (a run's last partial
 chunk is padded, and padding rows are never kept), so every global chunk is a chunk of exactly one
 run. Slide ids are per run, so a slide's global key is its id plus the ids of the runs before it:
@@ -12,7 +13,8 @@ the keys of the first run are its own ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class Source:
     recipes: dict[str, str]  # teacher -> the recipe read
     offset: int  # global row of its row 0: a multiple of chunk_rows
     slide_base: int  # added to its slide ids to give their global keys
+    grid_readers: dict[str, UnitReader] = field(default_factory=dict)  # teacher -> its float16 [n, V, k*k, C] grid; {}: no spatial term
 
     @property
     def tiles(self) -> zarr.Array:
@@ -48,10 +51,25 @@ class Source:
     def targets(self) -> dict[str, zarr.Array]:
         return {teacher: reader.array for teacher, reader in self.target_readers.items()}
 
+    @property
+    def grids(self) -> dict[str, zarr.Array]:
+        return {teacher: reader.array for teacher, reader in self.grid_readers.items()}
+
     @cached_property
     def target_stores(self) -> dict[str, ts.TensorStore]:
         """The targets opened with tensorstore too, for the loader's batched pool reads (distill/pools.py)."""
         return {teacher: open_tensorstore(array) for teacher, array in self.targets.items()}
+
+    @cached_property
+    def grid_stores(self) -> dict[str, ts.TensorStore]:
+        return {teacher: open_tensorstore(array) for teacher, array in self.grids.items()}
+
+    def pool_arrays(self) -> Iterator[tuple[str, str, UnitReader, ts.TensorStore]]:
+        """(kind, teacher, reader, tensorstore) of every per-teacher array a pool reads: the targets
+        (kind ``targets``), then the grids (kind ``grids``) when a spatial term asks for them."""
+        for kind, readers, stores in (("targets", self.target_readers, self.target_stores), ("grids", self.grid_readers, self.grid_stores)):
+            for teacher, reader in readers.items():
+                yield kind, teacher, reader, stores[teacher]
 
     @property
     def n_rows(self) -> int:
@@ -79,6 +97,9 @@ class Source:
 
     def lazy_targets(self) -> dict[str, da.Array]:
         return {teacher: _lazy(array) for teacher, array in self.targets.items()}
+
+    def lazy_grids(self) -> dict[str, da.Array]:
+        return {teacher: _lazy(array) for teacher, array in self.grids.items()}
 
 
 def _lazy(array: zarr.Array) -> da.Array:
@@ -113,8 +134,8 @@ def require_distinct(runs: list[Path]) -> list[Path]:
 
 
 def require_alike(sources: list[Source]) -> None:
-    """Every run agrees with the first on pixels, read unit, teachers, recipes and views, or a StoreError
-    naming both runs, what differs and the fix."""
+    """Every run agrees with the first on pixels, read unit, teachers, recipes, views and (when grids are
+    read) grid k, or a StoreError naming both runs, what differs and the fix."""
     first = sources[0]
     for other in sources[1:]:
         if other.tile_attrs.store_id == first.tile_attrs.store_id:
@@ -148,6 +169,11 @@ def require_alike(sources: list[Source]) -> None:
                 raise StoreError(
                     f"runs {first.run} and {other.run} computed teacher {teacher!r} on different views ({ours.views} vs "
                     f"{theirs.views}): rerun `features` for {other.run} with the views of {first.run}"
+                )
+            if first.grid_readers and theirs.grid != ours.grid:
+                raise StoreError(
+                    f"runs {first.run} and {other.run} hold grids of teacher {teacher!r} of different sizes (k = {ours.grid} vs "
+                    f"{theirs.grid}): rerun `features --overwrite` for {other.run} with features.grid: {ours.grid}"
                 )
 
 

@@ -20,6 +20,11 @@ error naming the store, array and rows; tiles and targets are checked unit by un
 reaches them. Opening reads no per-row array: each row's slide comes from the slide records and the
 read-failed rows from the tile store's unit index (pipeline/stores.py), so a start at 10^8 rows does not
 read ~390k chunk files of `slide` and `flags`.
+
+A spatial term (`distill.spatial_weight` or `distill.mask_ratio` > 0) also needs each teacher's
+`grid` array (pipeline/grids.py, made with `features.grid: k`): it is opened for every teacher and read
+with the same rows and views as the targets into `Rows.grids`; without those settings it is not read,
+so stores without grids (schema pathdistill.features/1 among them) train summary-only as before.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 
@@ -38,7 +43,7 @@ import numpy as np
 from distill.cohort import Slide, Source, cohort_slides, composition, global_rows, require_alike, require_distinct
 from distill.pools import ChunkSpan, PoolBuffers
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
+from pipeline.stores import GRID, RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
 from pipeline.views import apply_view
 
 
@@ -90,7 +95,8 @@ class Split:
 @dataclass
 class DistillData:
     """The opened, checked stores of one or more runs (distill/cohort.py): per run the tiles and one
-    recipe array [n, V, D] per teacher, aligned, in one global row index."""
+    recipe array [n, V, D] per teacher (and, for a spatial term, its grid [n, V, k*k, C]), aligned, in
+    one global row index."""
 
     sources: list[Source]  # in the order given, each starting on a chunk boundary
     recipes: dict[str, str]
@@ -100,6 +106,7 @@ class DistillData:
     slide_of_row: np.ndarray  # int32 [N]: global slide keys; -1 on the padding between runs
     read_failed: np.ndarray  # bool [N]; True on the padding
     split: Split
+    grid: int = 0  # k of every teacher's grid read into Rows.grids; 0: grids are not read
 
     @property
     def tile_px(self) -> int:
@@ -112,6 +119,11 @@ class DistillData:
     @property
     def widths(self) -> dict[str, int]:
         return {teacher: array.shape[2] for teacher, array in self.sources[0].targets.items()}
+
+    @property
+    def grid_widths(self) -> dict[str, int]:
+        """Teacher -> C of its grid; {} when no spatial term is asked for."""
+        return {teacher: array.shape[3] for teacher, array in self.sources[0].grids.items()}
 
     def locate(self, chunks: Sequence[int]) -> list[ChunkSpan]:
         """Where each global chunk's rows are read from: the one place the loader maps chunk ids onto stores."""
@@ -140,7 +152,10 @@ class DistillData:
     def describe(self) -> list[str]:
         lines = []
         for source in self.sources:
-            arrays = {"tiles": source.lazy_tiles(), **{f"{t} ({self.recipes[t]})": a for t, a in source.lazy_targets().items()}}
+            arrays = {
+                "tiles": source.lazy_tiles(), **{f"{t} ({self.recipes[t]})": a for t, a in source.lazy_targets().items()},
+                **{f"{t} ({GRID} {self.grid}x{self.grid})": a for t, a in source.lazy_grids().items()},
+            }
             lines += [
                 f"{source.run.name + ': ' if len(self.sources) > 1 else ''}{name}: {a.dtype} {list(a.shape)}, "
                 f"{a.numblocks[0]} chunks of {a.chunksize[0]} rows, {a.nbytes / 1e9:.2f} GB"
@@ -178,6 +193,7 @@ def open_distill_data(runs: Sequence[Path], settings: DistillConfig) -> DistillD
         slide_of_row=global_rows(sources, slide_of_row, -1),
         read_failed=global_rows(sources, read_failed, True),
         split=Split.of(cohort_slides(sources), settings.val_slides),
+        grid=first.feature_attrs[teachers[0]].grid if first.grid_readers else 0,
     )
 
 
@@ -187,7 +203,8 @@ def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offse
     tiles = open_tile_store(run.tiles)
     tiles.require_finished("tiles")
     chunk_rows = tiles["tiles"].chunks[0]
-    readers, recipes, attrs = {}, {}, {}
+    readers, recipes, attrs, grid_readers = {}, {}, {}, {}
+    spatial = settings.spatial_weight > 0 or settings.mask_ratio > 0
     for teacher in teachers:
         path = run.features(teacher)
         if not path.exists():
@@ -206,6 +223,8 @@ def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offse
         if reader.array.chunks[0] != chunk_rows:
             raise StoreError(f"{path} has chunks of {reader.array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
         readers[teacher], recipes[teacher], attrs[teacher] = reader, recipe, store.attrs
+        if spatial:
+            grid_readers[teacher] = _grid_reader(store, teacher, chunk_rows)
     first = teachers[0]
     for teacher in teachers[1:]:
         if attrs[teacher].views != attrs[first].views:
@@ -213,15 +232,36 @@ def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offse
                 f"teachers {first!r} and {teacher!r} were computed on different views ({attrs[first].views} vs "
                 f"{attrs[teacher].views}); a student sample shows one view to every teacher: rerun features with the same views"
             )
+        if spatial and attrs[teacher].grid != attrs[first].grid:
+            raise StoreError(
+                f"teachers {first!r} and {teacher!r} of {run.root} hold grids of different sizes (k = {attrs[first].grid} vs "
+                f"{attrs[teacher].grid}); the spatial term pools the student's tokens to one grid: rerun `features --overwrite` "
+                f"with one features.grid for both"
+            )
     source = Source(
         run=run.root, tile_reader=UnitReader(tiles, "tiles", "tiles"), target_readers=readers, tile_attrs=tiles.attrs,
-        feature_attrs=attrs, recipes=recipes, offset=offset, slide_base=slide_base,
+        feature_attrs=attrs, recipes=recipes, offset=offset, slide_base=slide_base, grid_readers=grid_readers,
     )
     return source, slide_of_row(tiles.attrs), read_failed_mask(tiles)
 
 
-def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.ndarray:
-    """Targets [rows * V, D] (float32) of up to `size` training rows drawn with `seed`, read through Dask."""
+def _grid_reader(store, teacher: str, chunk_rows: int) -> UnitReader:
+    """The teacher's grid array, or a ConfigError naming the fix when its store has none."""
+    if not store.attrs.grid or GRID not in store.array_names():
+        raise ConfigError(
+            f"{store.path} (schema {store.attrs.SCHEMA}) holds no {GRID!r} array, which distill.spatial_weight and "
+            f"distill.mask_ratio need: set features.grid: k (e.g. 4) and rerun `features --overwrite` for {teacher!r}, "
+            "or set distill.spatial_weight: 0 and distill.mask_ratio: 0 to distil summaries only"
+        )
+    reader = UnitReader(store, GRID, "features")
+    if reader.array.chunks[0] != chunk_rows:
+        raise StoreError(f"{store.path} has grid chunks of {reader.array.chunks[0]} rows, the tile store {chunk_rows}; rerun features")
+    return reader
+
+
+def target_sample(data: DistillData, teacher: str, size: int, seed: int, grid: bool = False) -> np.ndarray:
+    """Targets [rows * V, D] (float32) of up to `size` training rows drawn with `seed`, read through Dask;
+    with `grid`, the grid cells of those rows instead, [rows * V * k*k, C] (for a standardizer of tokens)."""
     train_rows = np.flatnonzero(data.rows_of(data.split.train))
     rows = np.sort(np.random.default_rng(seed).choice(train_rows, size=min(size, len(train_rows)), replace=False))
     parts = []
@@ -229,22 +269,23 @@ def target_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.n
         local = rows[(rows >= source.offset) & (rows < source.offset + source.n_rows)] - source.offset
         if not len(local):
             continue
-        reader = source.target_readers[teacher]
+        reader = (source.grid_readers if grid else source.target_readers)[teacher]
         reader.require_rows(local)
         with reader.reading(int(local[0]), int(local[-1]) + 1):
-            values = source.lazy_targets()[teacher][local].compute()
-        check_finite(values, teacher, source, local)
+            values = (source.lazy_grids() if grid else source.lazy_targets())[teacher][local].compute()
+        check_finite(values, teacher, source, local, GRID if grid else None)
         parts.append(values)
     values = np.concatenate(parts)
     return values.reshape(-1, values.shape[-1]).astype(np.float32)
 
 
-def check_finite(values: np.ndarray, teacher: str, source: Source, rows: np.ndarray) -> None:
-    """Targets [n, ...] of `rows` (of the run's own stores) must be finite: a NaN would poison every weight in one step."""
+def check_finite(values: np.ndarray, teacher: str, source: Source, rows: np.ndarray, recipe: str | None = None) -> None:
+    """Targets [n, ...] of `rows` (of the run's own stores; of the teacher's recipe, or of `recipe`: the grid)
+    must be finite: a NaN would poison every weight in one step."""
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
         raise StoreError(
-            f"teacher {teacher!r} (recipe {source.recipes[teacher]!r}) has NaN/Inf targets in rows "
+            f"teacher {teacher!r} (recipe {recipe or source.recipes[teacher]!r}) has NaN/Inf targets in rows "
             f"{rows[bad][:20].tolist()}{' ...' if bad.sum() > 20 else ''}: run `inspect-store --verify {source.feature_path(teacher)}` "
             "and rerun features for this teacher"
         )
@@ -253,13 +294,15 @@ def check_finite(values: np.ndarray, teacher: str, source: Source, rows: np.ndar
 @dataclass
 class Rows:
     """Rows in memory: what the student sees (`tiles`, uint8 [n, px, px, 3], the sample's view
-    applied) and each teacher's target for that view (float16 [n, D])."""
+    applied), each teacher's target for that view (float16 [n, D]) and, for a spatial term, its grid of
+    that view (float16 [n, k*k, C]; {} without one)."""
 
     rows: np.ndarray
     slides: np.ndarray
     views: np.ndarray
     tiles: np.ndarray
     targets: dict[str, np.ndarray]
+    grids: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -268,6 +311,7 @@ class Rows:
         return Rows(
             self.rows[index], self.slides[index], self.views[index], self.tiles[index],
             {teacher: values[index] for teacher, values in self.targets.items()},
+            {teacher: values[index] for teacher, values in self.grids.items()},
         )
 
     @staticmethod
@@ -278,6 +322,7 @@ class Rows:
             np.concatenate([p.views for p in parts]),
             np.concatenate([p.tiles for p in parts]),
             {teacher: np.concatenate([p.targets[teacher] for p in parts]) for teacher in parts[0].targets},
+            {teacher: np.concatenate([p.grids[teacher] for p in parts]) for teacher in parts[0].grids},
         )
 
 
@@ -292,23 +337,26 @@ def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: n
     order = rng.permutation(len(kept)) if rng is not None else np.arange(len(kept))
     views = rng.integers(len(data.views), size=len(kept)) if rng is not None else np.zeros(len(kept), np.int64)
     picked = kept[order]  # positions in the buffers, in the order shown
-    targets = {}
+    targets, grids = {}, {}
     for teacher, values in buffers.targets.items():
         _require_finite(data, teacher, values[kept], stored_rows[kept])
         targets[teacher] = values[picked, views]
+    for teacher, values in buffers.grids.items():
+        _require_finite(data, teacher, values[kept], stored_rows[kept], GRID)
+        grids[teacher] = values[picked, views]
     tiles = np.empty((len(picked), data.tile_px, data.tile_px, 3), np.uint8)
     for index, (position, view) in enumerate(zip(picked, views)):
         tiles[index] = apply_view(buffers.tiles[position], data.views[view], data.tile_px)
     rows = stored_rows[picked]
-    return Rows(rows=rows, slides=data.slide_of_row[rows], views=views, tiles=tiles, targets=targets)
+    return Rows(rows=rows, slides=data.slide_of_row[rows], views=views, tiles=tiles, targets=targets, grids=grids)
 
 
-def _require_finite(data: DistillData, teacher: str, values: np.ndarray, rows: np.ndarray) -> None:
-    """check_finite on targets of global `rows`, each run's rows named as that run's own."""
+def _require_finite(data: DistillData, teacher: str, values: np.ndarray, rows: np.ndarray, recipe: str | None = None) -> None:
+    """check_finite on targets (or grids) of global `rows`, each run's rows named as that run's own."""
     for source in data.sources:
         mine = (rows >= source.offset) & (rows < source.offset + source.n_rows)
         if mine.any():
-            check_finite(values[mine], teacher, source, rows[mine] - source.offset)
+            check_finite(values[mine], teacher, source, rows[mine] - source.offset, recipe)
 
 
 def rows_per_chunk(keep: np.ndarray, chunk_rows: int) -> np.ndarray:

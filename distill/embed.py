@@ -42,6 +42,10 @@ class StudentAtWidth:
         return {RECIPE: self.dim}
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {RECIPE: (self.dim,)}
+
+    @property
     def field_px(self) -> int:
         return self.record["input_px"]  # the tile it was trained on; embed_tile_store refuses stores of other tiles
 

@@ -1,4 +1,5 @@
-"""Reading a pool of whole chunks (tiles and every teacher's targets) into buffers that are reused.
+"""Reading a pool of whole chunks (tiles, every teacher's targets and, for a spatial term, its grid) into
+buffers that are reused.
 
 The I/O layer under each array is chosen by measurement on the demo store (bench figure 3, its
 I/O-layer rows: time to read a pool's chunks into the buffers, over the codec's own decode time):
@@ -8,7 +9,8 @@ I/O-layer rows: time to read a pool's chunks into the buffers, over the codec's 
   codecs registered with it;
 - targets through tensorstore on the same zarr v3 arrays, the whole pool's reads issued at once:
   1.6x, against 45x for zarr-python a call per chunk and 30x for its async gather. A chunk of targets
-  is ~1 KB a row, so zarr-python's ~2 ms per call is almost all of its cost.
+  is ~1 KB a row, so zarr-python's ~2 ms per call is almost all of its cost. Grids [n, V, k*k, C]
+  are read the same way, beside the targets.
 Both verify the stored crc32c checksums; a chunk that fails becomes a StoreDamaged naming its rows.
 """
 
@@ -52,26 +54,30 @@ class PoolBuffers:
 
     tiles: np.ndarray
     targets: dict[str, np.ndarray]
+    grids: dict[str, np.ndarray]  # {} without a spatial term
 
     @classmethod
     def like(cls, source: Source, rows: int) -> PoolBuffers:
         def empty(array: zarr.Array) -> np.ndarray:
             return np.empty((rows, *array.shape[1:]), array.dtype)
 
-        return cls(empty(source.tiles), {teacher: empty(array) for teacher, array in source.targets.items()})
+        return cls(
+            empty(source.tiles), {teacher: empty(array) for teacher, array in source.targets.items()},
+            {teacher: empty(array) for teacher, array in source.grids.items()},
+        )
 
     def read(self, spans: Sequence[ChunkSpan]) -> np.ndarray:
-        """Fill the buffers with the spans' rows, in order; returns their global row ids. The targets'
-        reads are all issued first and run while the tiles decode."""
+        """Fill the buffers with the spans' rows, in order; returns their global row ids. The reads of
+        targets and grids are all issued first and run while the tiles decode."""
         offsets = np.cumsum([0, *map(len, spans)])
         pending = []
         for span, offset in zip(spans, offsets):
-            for teacher, store in span.source.target_stores.items():
-                span.source.target_readers[teacher].require_rows(np.array([span.start, span.end - 1]))
-                pending.append((teacher, span, offset, store[span.start : span.end].read()))
+            for kind, teacher, reader, store in span.source.pool_arrays():
+                reader.require_rows(np.array([span.start, span.end - 1]))
+                pending.append((getattr(self, kind)[teacher], reader, span, offset, store[span.start : span.end].read()))
         for span, offset in zip(spans, offsets):
             span.source.tile_reader.read(span.start, span.end, out=self.tiles[offset : offset + len(span)])
-        for teacher, span, offset, future in pending:
-            with span.source.target_readers[teacher].reading(span.start, span.end):
-                self.targets[teacher][offset : offset + len(span)] = future.result()
+        for buffer, reader, span, offset, future in pending:
+            with reader.reading(span.start, span.end):
+                buffer[offset : offset + len(span)] = future.result()
         return np.concatenate([np.arange(s.first_row, s.first_row + len(s)) for s in spans])

@@ -84,6 +84,7 @@ class FeaturesConfig(Strict):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor reserves (1 on GPU clusters)")
     threads_per_actor: int = Field(2, gt=0, description="torch CPU threads per actor")
     overlap: bool = Field(True, description="each actor reads the next unit and writes the previous one while a unit is in the forward pass (false: one unit at a time)")
+    grid: int = Field(0, ge=0, description="k > 0: every teacher also stores recipe `grid` [N, V, k*k, C], its patch tokens (prefix tokens excluded) average-pooled to k x k on each view's pixels (pipeline/grids.py); 0: no spatial recipe")
 
     @model_validator(mode="after")
     def _teacher_specs_valid(self) -> FeaturesConfig:
@@ -108,9 +109,9 @@ class DistillConfig(Strict):
     dim_weights: dict[int, float] = Field(default_factory=dict)
     alpha: float = Field(0.9, ge=0, description="weight of (1 - cosine)")
     beta: float = Field(0.1, ge=0, description="weight of smooth-L1")
-    spatial_weight: float = Field(0.0, ge=0, description="weight of the spatial (grid) loss beside the summary loss; 0: off (needs features.grid: k)")
-    mask_ratio: float = Field(0.0, ge=0, lt=1, description="masked-token regression: share of grid cells whose patches the student sees masked; 0: off (needs a ViT student and features.grid: k)")
-    masked_weight: float = Field(1.0, ge=0, description="weight of the masked-cell regression term")
+    spatial_weight: float = Field(0.0, ge=0, description="weight of the spatial (grid) loss beside the summary loss; 0: off (> 0 needs feature stores made with features.grid)")
+    mask_ratio: float = Field(0.0, ge=0, lt=1, description="masked-token regression: share of grid cells whose patches the student sees masked; 0: off")
+    masked_weight: float = Field(1.0, ge=0, description="weight of the masked-cell regression term (distill.mask_ratio > 0; needs a ViT student)")
     standardize: Literal["phi-s", "zscore"] = "phi-s"
     standardize_sample: int = Field(4096, gt=1, description="rows sampled to fit the target standardizer")
     steps: int = Field(300, gt=0)

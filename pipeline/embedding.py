@@ -18,6 +18,7 @@ failing its checksum stops the run naming store, array and rows.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +35,7 @@ from pipeline.console import progress_bar
 from pipeline.errors import PathdistillError
 from pipeline.ray_runtime import completed
 from pipeline.stores import (
-    FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, UnitReader, create_feature_store, open_feature_store,
+    GRID, FeatureStoreAttrs, Store, StoreError, TileStoreAttrs, UnitMarkers, UnitReader, create_feature_store, open_feature_store,
     open_tile_store, remove_store, write_rows,
 )
 from pipeline.views import apply_view
@@ -47,9 +48,10 @@ class NonFiniteFeatures(PathdistillError, RuntimeError):
 
 
 class Embedder(Protocol):
-    """A model that embeds uint8 tiles [B, px, px, 3] into float vectors, one per recipe."""
+    """A model that embeds uint8 tiles [B, px, px, 3] into float vectors, one per recipe (and a teacher's
+    spatial recipe, a grid of vectors per tile)."""
 
-    widths: dict[str, int]  # recipe -> width
+    shapes: dict[str, tuple[int, ...]]  # array -> what one tile gives: (width,) per recipe, (k*k, C) for the grid
     device: object
     field_px: int  # px: the square it takes, cut centred on each view's tile from the stored pixels
 
@@ -126,13 +128,17 @@ class EmbedWorker:
     def provenance(self) -> dict[str, dict]:
         return {name: embedder.provenance() for name, embedder in self.embedders.items()}
 
+    def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {name: embedder.shapes for name, embedder in self.embedders.items()}
+
     def run_unit(self, unit: int, start: int, end: int, outputs: dict[str, tuple[str, str]]) -> dict:
         """Compute and write rows [start, end) for the embedders in ``outputs`` (name -> store path, store id)."""
         timings: dict[str, float] = defaultdict(float)
         results = self._read_and_embed(start, end, list(outputs), timings)
         for name, recipes in results.items():
             for recipe, values in recipes.items():
-                bad = ~np.isfinite(values).all(axis=(1, 2)) | (np.abs(values).max(axis=(1, 2)) > FLOAT16_MAX)
+                per_row = tuple(range(1, values.ndim))
+                bad = ~np.isfinite(values).all(axis=per_row) | (np.abs(values).max(axis=per_row) > FLOAT16_MAX)
                 if bad.any():
                     rows = (np.flatnonzero(bad) + start).tolist()
                     raise NonFiniteFeatures(f"{name!r} recipe {recipe!r} gave NaN/Inf or values beyond float16 for rows {rows[:20]}; nothing was written for unit {unit}")
@@ -145,7 +151,7 @@ class EmbedWorker:
         return {"rows": end - start, "timings": dict(timings)}
 
     def _read_and_embed(self, start: int, end: int, names: list[str], timings: dict[str, float]) -> dict[str, dict[str, np.ndarray]]:
-        """Each embedder's float32 [rows, views, width] per recipe; the unit's tiles are let go on return."""
+        """Each embedder's float32 [rows, views, *shape] per array; the unit's tiles are let go on return."""
         import torch
 
         with self.tiles_in_memory:
@@ -155,7 +161,7 @@ class EmbedWorker:
             with self.forward_pass:
                 embedders = {name: self.embedders[name] for name in names}
                 results = {
-                    name: {recipe: np.zeros((end - start, len(self.views), width), np.float32) for recipe, width in embedder.widths.items()}
+                    name: {recipe: np.zeros((end - start, len(self.views), *shape), np.float32) for recipe, shape in embedder.shapes.items()}
                     for name, embedder in embedders.items()
                 }
                 batch_size = self.settings.batch_size
@@ -191,10 +197,10 @@ def embed_pool(
     )(EmbedWorker)
     workers = [worker_class.remote(str(tiles.path), builders, settings, views) for _ in range(actor_count)]
     try:  # the actors go when the pool ends, failed or not: none goes on writing units after an error
-        provenance = ray.get(workers[0].provenance.remote())
+        provenance, shapes = ray.get([workers[0].provenance.remote(), workers[0].shapes.remote()])
         outputs, missing = {}, {}
         for name, path in out_paths.items():
-            store_id, missing[name] = prepare_feature_store(path, tiles, provenance[name], views, store, overwrite)
+            store_id, missing[name] = prepare_feature_store(path, tiles, provenance[name], shapes[name], views, store, overwrite)
             outputs[name] = (str(path), store_id)
             if not missing[name]:
                 summary.skipped.append(name)
@@ -241,14 +247,17 @@ def _default_actor_count(settings: ActorSettings) -> int:
 
 
 def prepare_feature_store(
-    store_path: Path, tiles: Store[TileStoreAttrs], provenance: dict, views: list[dict], store: StoreConfig, overwrite: bool,
+    store_path: Path, tiles: Store[TileStoreAttrs], provenance: dict, shapes: dict[str, tuple[int, ...]], views: list[dict],
+    store: StoreConfig, overwrite: bool,
 ) -> tuple[str, set[int]]:
     """The store id and the units still to compute: a new store, or a matching one to resume.
 
     A finished store (every unit marked) is left alone unless ``overwrite``; a store from another
-    tile store, model, weights or views is refused unless ``overwrite``.
+    tile store, model, weights, views or grid is refused unless ``overwrite``.
     """
-    attrs = FeatureStoreAttrs.new(tiles.attrs, provenance, provenance["widths"], views)
+    cells, grid_width = shapes.get(GRID, (0, 0))
+    recipes = {recipe: shape[0] for recipe, shape in shapes.items() if recipe != GRID}
+    attrs = FeatureStoreAttrs.new(tiles.attrs, provenance, recipes, views, grid=math.isqrt(cells))
     if store_path.exists() and overwrite:
         remove_store(store_path)
     if store_path.exists():
@@ -258,12 +267,12 @@ def prepare_feature_store(
             raise StoreError(f"{error}\nUse --overwrite to replace {store_path}.") from error
         differences = [
             f"{key}: store has {getattr(existing.attrs, key)!r}, now {getattr(attrs, key)!r}"
-            for key in ("teacher", "views")
+            for key in ("teacher", "views", "grid")
             if getattr(existing.attrs, key) != getattr(attrs, key)
         ]
         if differences:
             raise StoreError(f"{store_path} was computed differently:\n  - " + "\n  - ".join(differences) + "\nUse --overwrite to replace it.")
         return existing.attrs.store_id, existing.missing_units()
     tile_array = tiles["tiles"]
-    create_feature_store(store_path, attrs, tile_array.chunks[0], tile_array.shards[0], store)
+    create_feature_store(store_path, attrs, tile_array.chunks[0], tile_array.shards[0], store, grid_width)
     return attrs.store_id, set(range(len(tiles.units())))

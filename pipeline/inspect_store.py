@@ -5,6 +5,7 @@ Opens stores read-only (Zarr's read-only mode), so looking can never change what
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from rich.markup import escape
 from zarr.codecs import BytesCodec
 
 from pipeline.console import progress_bar, results, table
-from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
+from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, GRID, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
 from pipeline.tile_codec import JpegTileCodec
 
 
@@ -54,6 +55,27 @@ def tiles_on_disk(path: Path) -> str:
     return f"tiles stored as {codec}: {stored / max(1, tiles.shape[0]) / 1024:.1f} KiB per tile ({tiles.nbytes / max(1, stored):.1f}x smaller than raw pixels)"
 
 
+def grid_cost(array: zarr.Array) -> dict:
+    """What a feature store's ``grid`` array [N, V, k*k, C] costs per tile: float16 raw and as stored."""
+    rows, views, cells, width = array.shape
+    stored = directory_bytes(Path(array.store_path.store.root) / array.path)
+    return {
+        "k": math.isqrt(cells), "views": views, "width": width,
+        "raw_bytes_per_view": cells * width * array.dtype.itemsize,
+        "raw_bytes_per_tile": views * cells * width * array.dtype.itemsize,
+        "stored_bytes_per_tile": round(stored / rows, 1) if rows else None,
+    }
+
+
+def describe_grid_cost(cost: dict) -> str:
+    """``grid 4 x 4 cells of 1280 features, 1 view: 40.0 KiB per tile raw (40.0 KiB a view), 37.2 KiB stored``."""
+    stored = "-" if cost["stored_bytes_per_tile"] is None else f"{cost['stored_bytes_per_tile'] / 1024:.1f} KiB"
+    return (
+        f"grid {cost['k']} x {cost['k']} cells of {cost['width']} features, {cost['views']} view{'s' if cost['views'] > 1 else ''}: "
+        f"{cost['raw_bytes_per_tile'] / 1024:.1f} KiB per tile raw ({cost['raw_bytes_per_view'] / 1024:.1f} KiB a view), {stored} stored"
+    )
+
+
 def describe_store(path: Path, verify: bool = False) -> dict:
     """A JSON-able description of any pathdistill store; with ``verify``, reads every chunk."""
     path = Path(path)
@@ -75,7 +97,7 @@ def describe_store(path: Path, verify: bool = False) -> dict:
     units = len(store.units())
     description["units"] = {"total": units, "marked_done": units - len(store.missing_units())}
     if isinstance(attrs, FeatureStoreAttrs):
-        description.update(teacher=attrs.teacher, views=attrs.views, recipes=attrs.recipes)
+        description.update(teacher=attrs.teacher, views=attrs.views, recipes=attrs.recipes, grid=grid_cost(arrays[GRID]) if attrs.grid else None)
         description["tile_store"] = tile_store_link(path, attrs)
         description["statistics"] = {name: feature_statistics(array, path, verify) for name, array in arrays.items()}
     else:
@@ -112,7 +134,7 @@ def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows:
         return {"unreadable": f"{type(error).__name__}: {error}; {where}"}
     finite = sample[np.isfinite(sample).all(axis=1)]
     return {
-        "rows_sampled": int(len(sample) // max(1, array.shape[1])),
+        "rows_sampled": int(len(sample) // max(1, math.prod(array.shape[1:-1]))),
         "mean_norm": round(float(np.linalg.norm(finite, axis=1).mean()), 4) if len(finite) else None,
         "mean_dim_std": round(float(finite.std(axis=0).mean()), 4) if len(finite) else None,
     }
@@ -184,8 +206,13 @@ def print_description(description: dict) -> None:
             out.print(f"  given {given['field_px']} px fields at {given['store_mpp']} um/px from {given['stored_px']} px stored tiles; published at {given['published_mpp']} um/px: {scale}", soft_wrap=True)
         out.print("views: " + ", ".join(describe_view(view) for view in description["views"]))
         out.print(f"tile store: {description['tile_store']['path']} {description['tile_store']['status']}")
+        widths = dict(description["recipes"])
+        if description["grid"]:
+            grid = description["grid"]
+            widths[GRID] = f"{grid['k']}x{grid['k']} cells x {grid['width']}"
+            out.print(describe_grid_cost(grid))
         out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [
-            [name, str(description["recipes"][name]), *(
+            [name, str(widths[name]), *(
                 ["[red]unreadable[/red]", "-", "-"] if "unreadable" in stats else [str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
             )]
             for name, stats in description["statistics"].items()

@@ -56,7 +56,9 @@ from pipeline.files import write_text_atomically
 from pipeline.tile_codec import DECODER, READ_WITH, JpegTileCodec
 
 TILES_SCHEMA = "pathdistill.tiles/3"
-FEATURES_SCHEMA = "pathdistill.features/1"
+FEATURES_SCHEMA = "pathdistill.features/2"
+FEATURES_SCHEMA_V1 = "pathdistill.features/1"  # still read: the same arrays, no grid
+GRID = "grid"  # the array of a feature store's spatial recipe (pipeline/grids.py)
 VERSIONED_PACKAGES = ("pathdistill", "zarr", "numcodecs", "imagecodecs", "numpy", "openslide-python", "openslide-bin", "ray", "torch", "timm")
 
 # Bits of the tile store's ``flags`` array.
@@ -298,7 +300,8 @@ class TileStoreAttrs(_Record):
 @dataclass(frozen=True, kw_only=True)
 class FeatureStoreAttrs(_Record):
     """Group attrs of ``features/<teacher>.zarr``: which tile store, teacher (full provenance), recipes
-    (name -> width) and views (what each view index is) the features are of."""
+    (name -> width), views (what each view index is) and grid (k of the ``grid`` array, 0: none) the
+    features are of."""
 
     store_id: str
     n_rows: int
@@ -308,16 +311,17 @@ class FeatureStoreAttrs(_Record):
     views: list[dict]
     versions: dict
     created: str
+    grid: int = 0
 
     SCHEMA: ClassVar[str] = FEATURES_SCHEMA
 
     @classmethod
-    def new(cls, tiles: TileStoreAttrs, teacher: dict, recipes: dict[str, int], views: list[dict]) -> FeatureStoreAttrs:
+    def new(cls, tiles: TileStoreAttrs, teacher: dict, recipes: dict[str, int], views: list[dict], grid: int = 0) -> FeatureStoreAttrs:
         # As JSON stores them (tuples become lists), so attrs compare equal to what is read back.
         teacher, views = json.loads(json.dumps(teacher)), json.loads(json.dumps(views))
         return cls(
             store_id=new_store_id(), n_rows=tiles.n_rows, tile_store_id=tiles.store_id, teacher=teacher,
-            recipes=dict(recipes), views=views, versions=versions(), created=now(),
+            recipes=dict(recipes), views=views, versions=versions(), created=now(), grid=grid,
         )
 
     def to_dict(self) -> dict:
@@ -328,8 +332,21 @@ class FeatureStoreAttrs(_Record):
         return super().from_dict({key: value for key, value in data.items() if key != "schema"}, what)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FeatureStoreAttrsV1(FeatureStoreAttrs):
+    """The attrs of a store written before grids (schema /1): read as they are, with grid 0."""
+
+    SCHEMA: ClassVar[str] = FEATURES_SCHEMA_V1
+
+    @classmethod
+    def from_dict(cls, data: dict, what: str) -> FeatureStoreAttrs:
+        if "grid" in data:
+            raise StoreError(f"{what} is a {FEATURES_SCHEMA_V1} store with a grid attr, which that schema does not have; rerun features with --overwrite")
+        return super().from_dict(data, what)
+
+
 Attrs = TypeVar("Attrs", TileStoreAttrs, FeatureStoreAttrs)
-ATTRS_OF_SCHEMA = {TILES_SCHEMA: TileStoreAttrs, FEATURES_SCHEMA: FeatureStoreAttrs}
+ATTRS_OF_SCHEMA = {TILES_SCHEMA: TileStoreAttrs, FEATURES_SCHEMA: FeatureStoreAttrs, FEATURES_SCHEMA_V1: FeatureStoreAttrsV1}
 
 
 @dataclass(frozen=True, eq=False)
@@ -531,15 +548,24 @@ def create_tile_store(path: Path, attrs: TileStoreAttrs, store: StoreConfig) -> 
         return Store(Path(path), group, attrs)
 
 
-def create_feature_store(path: Path, attrs: FeatureStoreAttrs, chunk_rows: int, shard_rows: int, store: StoreConfig) -> Store[FeatureStoreAttrs]:
-    """One float16 [N, V, D] array per recipe, rows aligned with the tile store's chunks and shards."""
+def create_feature_store(
+    path: Path, attrs: FeatureStoreAttrs, chunk_rows: int, shard_rows: int, store: StoreConfig, grid_width: int = 0,
+) -> Store[FeatureStoreAttrs]:
+    """One float16 [N, V, D] array per recipe and, when ``attrs.grid`` is k > 0, the ``grid`` array
+    float16 [N, V, k*k, grid_width]; rows aligned with the tile store's chunks and shards, every chunk
+    whole views, cells and features."""
+    if (attrs.grid > 0) != (grid_width > 0) or GRID in attrs.recipes:
+        raise ValueError(f"a feature store of grid {attrs.grid} needs a grid width exactly when grid > 0 (got {grid_width}) and no recipe named {GRID!r}")
+    layouts = {recipe: ((width,), ["row", "view", "feature"]) for recipe, width in attrs.recipes.items()}
+    if attrs.grid:
+        layouts[GRID] = ((attrs.grid**2, grid_width), ["row", "view", "cell", "feature"])
     with writing(path, "the new store"):
         group = zarr.open_group(str(path), mode="w")
-        for recipe, width in attrs.recipes.items():
-            shape = (attrs.n_rows, len(attrs.views), width)
+        for name, (per_view, dims) in layouts.items():
+            shape = (attrs.n_rows, len(attrs.views), *per_view)
             group.create_array(
-                recipe, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
-                chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=["row", "view", "feature"],
+                name, shape=shape, dtype="float16", fill_value=0, compressors=compressors(store, byte_shuffle=True),
+                chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]), dimension_names=dims,
             )
         group.attrs.update(attrs.to_dict())
         return Store(Path(path), group, attrs)
@@ -572,7 +598,9 @@ def open_tile_store(path: Path) -> Store[TileStoreAttrs]:
 
 def open_feature_store(path: Path, tiles: Store[TileStoreAttrs] | None = None) -> Store[FeatureStoreAttrs]:
     """A feature store; given ``tiles``, one that belongs to it (any other is refused with the reason)."""
-    features = open_store(path, FEATURES_SCHEMA)
+    features = open_store(path)
+    if not isinstance(features.attrs, FeatureStoreAttrs):
+        raise StoreError(f"{path} holds schema {features.attrs.SCHEMA!r}, expected a feature store ({FEATURES_SCHEMA!r} or {FEATURES_SCHEMA_V1!r})")
     if tiles is None:
         return features
     found, expected = features.attrs.tile_store_id, tiles.attrs.store_id

@@ -33,8 +33,10 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.errors import PathdistillError
+from pipeline.grids import pool_grid
 from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
+from pipeline.stores import GRID
 from pipeline.teacher_loaders import LOADERS, Outputs
 from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
 
@@ -63,6 +65,10 @@ SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
 class UnknownTeacherError(PathdistillError, ValueError):
     """No registry entry has this name."""
+
+
+class GridUnavailable(PathdistillError, ValueError):
+    """features.grid asks for a teacher's patch tokens, and its library's outputs have none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +116,7 @@ class TeacherSpec:
                 all(rule in POOLS for rule in self.recipes.values()),
             f"widths {sorted(self.widths)} must name exactly the recipes {sorted(self.recipes)}":
                 self.widths.keys() == self.recipes.keys(),
+            f"recipe name {GRID!r} is the spatial recipe's (features.grid): name the recipe otherwise": GRID not in self.recipes,
             f"resize {self.resize!r} must be one of {RESIZE_RULES}": self.resize in RESIZE_RULES,
             f"resize_px {self.resize_px} must equal input_px {self.input_px} for 'resize' and not be below it":
                 self.resize_px == self.input_px if self.resize == "resize" else self.resize_px >= self.input_px,
@@ -507,18 +514,28 @@ def describe_teachers(specs: Mapping[str, TeacherSpec] | None = None, defined_in
 
 @dataclass(frozen=True)
 class LoadedTeacher:
-    """A built teacher: frozen module, its spec, the content hash of the weights it runs and, in a
-    ``features`` run, the record of how its input is cut from the tile store (``TeacherInput``)."""
+    """A built teacher: frozen module, its spec, the content hash of the weights it runs, in a
+    ``features`` run the record of how its input is cut from the tile store (``TeacherInput``), and
+    ``grid``: k of the spatial recipe it computes beside its spec's recipes (0: none)."""
 
     module: nn.Module
     spec: TeacherSpec
     weights_sha256: str
     device: torch.device
     input_record: dict | None = None
+    grid: int = 0
 
     @property
     def widths(self) -> dict[str, int]:
         return self.spec.widths
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """What ``embed`` gives per tile: (width,) per recipe, and (k*k, token width) for the grid."""
+        shapes = {recipe: (width,) for recipe, width in self.widths.items()}
+        if self.grid:
+            shapes[GRID] = (self.grid**2, LOADERS[self.spec.loader].shape(self.module).token_width)
+        return shapes
 
     @property
     def field_px(self) -> int:
@@ -531,8 +548,8 @@ class LoadedTeacher:
         return record | {"input": self.input_record} if self.input_record else record
 
     def embed(self, batch_uint8_nhwc: Tensor) -> dict[str, Tensor]:
-        """Float32 ``[B, width]`` per recipe, from uint8 RGB fields of ``field_px`` at the teacher's mpp,
-        with the teacher's own preprocessing."""
+        """Float32 ``[B, width]`` per recipe (and ``[B, k*k, C]`` for the grid), from uint8 RGB fields of
+        ``field_px`` at the teacher's mpp, with the teacher's own preprocessing."""
         return self.forward(self.preprocess(batch_uint8_nhwc))
 
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
@@ -558,15 +575,20 @@ class LoadedTeacher:
         return TF.normalize(x, mean=list(spec.mean), std=list(spec.std))
 
     def pool(self, outputs: Outputs) -> dict[str, Tensor]:
-        """Each recipe from one forward pass's outputs."""
-        return {recipe: POOLS[rule](outputs).float() for recipe, rule in self.spec.recipes.items()}
+        """Each recipe from one forward pass's outputs; the grid pools the patch tokens in float32."""
+        pooled = {recipe: POOLS[rule](outputs).float() for recipe, rule in self.spec.recipes.items()}
+        if self.grid:
+            pooled[GRID] = pool_grid(outputs.tokens[:, outputs.prefix:].float(), self.grid)
+        return pooled
 
 
 def build_teacher(
     spec: TeacherSpec | str, device: str | torch.device = "cpu", weights: str | None = None, input_record: dict | None = None,
+    grid: int = 0,
 ) -> LoadedTeacher:
     """The one builder: architecture + weights from ``weights`` or the spec's source, frozen on ``device``;
-    ``input_record`` (how a features run cuts its input) is carried into its provenance."""
+    ``input_record`` (how a features run cuts its input) is carried into its provenance; ``grid`` k > 0
+    adds the spatial recipe (pipeline/grids.py)."""
     spec = get_teacher(spec) if isinstance(spec, str) else spec
     source = parse_source(weights or spec.source)
     loader = LOADERS[spec.loader]
@@ -576,8 +598,25 @@ def build_teacher(
         load=lambda state: loader.load(spec.arch, spec.kwargs, state, f"{source} for {what}"),
     )
     _check_recipes(module, spec)
+    if grid:
+        _require_tokens(module, spec)
     module = module.eval().requires_grad_(False).to(device)
-    return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device), input_record=input_record)
+    return LoadedTeacher(module=module, spec=spec, weights_sha256=weights_sha256, device=torch.device(device), input_record=input_record, grid=grid)
+
+
+def require_patch_tokens(spec: TeacherSpec) -> None:
+    """Refuse (before any weights are read: on the meta device) a teacher whose outputs have no patch tokens
+    to pool into a grid."""
+    with torch.device("meta"):
+        _require_tokens(create_architecture(spec), spec)
+
+
+def _require_tokens(module: nn.Module, spec: TeacherSpec) -> None:
+    if LOADERS[spec.loader].shape(module).token_width is None:
+        raise GridUnavailable(
+            f"teacher {spec.name!r} ({spec.loader} {spec.arch}) gives only a pooled embedding, no patch tokens, so it has no "
+            f"spatial recipe: leave it out of this run (`features --teachers ...`) and compute it in a run with features.grid: 0"
+        )
 
 
 def _check_recipes(module: nn.Module, spec: TeacherSpec) -> None:

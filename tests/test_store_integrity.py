@@ -160,7 +160,7 @@ def test_a_shard_lost_while_features_run_is_refused_by_the_unit_that_reads_it(ti
     worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY)
     torch.set_num_threads(threads)
     out = config.run / "features" / f"{TEACHER}.zarr"
-    store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], IDENTITY, config.store, overwrite=False)
+    store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], worker.shapes()[TEACHER], IDENTITY, config.store, overwrite=False)
     outputs = {TEACHER: (str(out), store_id)}
     worker.run_unit(0, 0, 8, outputs)
     (config.run / "tiles.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()
@@ -275,7 +275,8 @@ def test_features_on_a_full_or_read_only_disk(tiled, tmp_path, small_disk, condi
     store = features / f"{TEACHER}.zarr"
     tiles = open_tile_store(tmp_path / "run" / "tiles.zarr")
     given = plan_teacher_input(get_teacher(TEACHER), tiles.attrs.tiling, IDENTITY, off_scale=False).as_record()  # as the stage records it
-    prepare_feature_store(store, tiles, build_teacher(TEACHER, input_record=given).provenance(), IDENTITY, Config.model_validate(config).store, overwrite=False)
+    teacher = build_teacher(TEACHER, input_record=given)
+    prepare_feature_store(store, tiles, teacher.provenance(), teacher.shapes, IDENTITY, Config.model_validate(config).store, overwrite=False)
     before = tree_digest(store)
     make_unwritable(features, condition)
     result = run_cli("features", "--config", write_config(config, tmp_path / "run.yaml"))

@@ -106,7 +106,7 @@ def test_features_of_a_jpeg_store_are_the_teachers_forward_on_the_decoded_pixels
     try:
         worker = EmbedWorker(str(tiles.path), {TEACHER: functools.partial(build_teacher, TEACHER)}, ActorSettings(batch_size=8, threads_per_actor=1), IDENTITY)
         out = tmp_path / "features" / f"{TEACHER}.zarr"
-        store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], IDENTITY, StoreConfig(chunk_rows=8, shard_rows=8), overwrite=False)
+        store_id, _ = prepare_feature_store(out, tiles, worker.provenance()[TEACHER], worker.shapes()[TEACHER], IDENTITY, StoreConfig(chunk_rows=8, shard_rows=8), overwrite=False)
         worker.run_unit(0, 0, 8, {TEACHER: (str(out), store_id)})
         teacher = build_teacher(TEACHER)
         on_decoded, on_source = (teacher.embed(torch.from_numpy(np.ascontiguousarray(pixels))) for pixels in (tiles["tiles"][:8], he_tiles[:8]))

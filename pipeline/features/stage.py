@@ -8,25 +8,30 @@ writes the previous one (``features.overlap``). Each teacher's rows go to its ow
 per store and unit follows the write (folded into the store's unit index), so reruns compute only
 unfinished units. A dead actor is restarted by Ray and its unit retried; a unit is recomputed
 whole, so retries and reruns write identical bytes.
+
+With ``features.grid`` k > 0 every teacher also stores its spatial recipe, the ``grid`` array
+[N, V, k*k, C] of its patch tokens pooled on each view's own pixels (pipeline/grids.py), and the
+summary states what it costs per tile.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import results, table
 from pipeline.embedding import ActorSettings, EmbedSummary, embed_pool
+from pipeline.inspect_store import describe_grid_cost, grid_cost
 from pipeline.locks import exclusive
 from pipeline.ray_runtime import ray_session
 from pipeline.run_report import append_stage_record
-from pipeline.stores import RunDir, now, open_tile_store
+from pipeline.stores import GRID, RunDir, now, open_feature_store, open_tile_store
 from pipeline.teacher_input import plan_teacher_inputs
 from pipeline.teacher_specs import parse_teacher_specs
-from pipeline.teachers import build_teacher, get_teacher
+from pipeline.teachers import build_teacher, get_teacher, require_patch_tokens
 from pipeline.views import expand_views
 
 
@@ -34,6 +39,7 @@ from pipeline.views import expand_views
 class FeatureSummary(EmbedSummary):
     run_dir: Path = Path()
     seconds: float = 0.0
+    grid_costs: dict[str, dict] = field(default_factory=dict)  # teacher -> grid_cost of its store's grid array
 
     @property
     def teachers(self) -> list[str]:
@@ -55,6 +61,7 @@ class FeatureSummary(EmbedSummary):
             "tiles_per_second": round(self.rows_done / self.units_seconds, 2) if self.units_seconds else 0.0,
             "teacher_tiles_per_second": {t: round(self.rows_done / s, 2) if s else None for t, s in forward.items()},
             "seconds": {k: round(v, 3) for k, v in sorted(self.timings.items())},
+            "grid": self.grid_costs,
         }
 
 
@@ -76,15 +83,22 @@ def run_features(config: Config, teachers: list[str] | None = None, overwrite: b
     tiling = tiles.attrs.tiling
     views = expand_views(settings.views, tiling.context_px, tiling.tile_px)
     inputs = plan_teacher_inputs(list(specs.values()), tiling, views, settings.off_scale)  # each teacher at its published scale, before any model
+    if settings.grid:
+        for spec in specs.values():  # on the meta device: a teacher without patch tokens fails before any weights are read
+            require_patch_tokens(spec)
     summary = FeatureSummary(tiles.attrs.n_rows, names, units_total=len(units) * len(names), run_dir=run.root)
     actors = ActorSettings(settings.batch_size, settings.actors, settings.gpus_per_actor, settings.threads_per_actor, settings.overlap)
     with exclusive(run.lock("features")), ray_session(config.ray):
         for pool in pools:
             builders = {
-                name: functools.partial(build_teacher, specs[name], weights=settings.weights.get(name), input_record=inputs[name].as_record())
+                name: functools.partial(build_teacher, specs[name], weights=settings.weights.get(name), input_record=inputs[name].as_record(), grid=settings.grid)
                 for name in pool
             }
             embed_pool(tiles, builders, {name: run.features(name) for name in pool}, views, actors, config.store, overwrite, summary)
+    for name in names:
+        store = open_feature_store(run.features(name))
+        if store.attrs.grid:
+            summary.grid_costs[name] = grid_cost(store[GRID])
     summary.seconds = time.perf_counter() - started
     append_stage_record(run.root, summary.as_record())
     return summary
@@ -101,3 +115,5 @@ def print_summary(summary: FeatureSummary) -> None:
         f"read {seconds.get('read', 0):.1f} s, transform {seconds.get('transform', 0):.1f} s, "
         f"forward {sum(v for k, v in seconds.items() if k.startswith('forward:')):.1f} s, write {seconds.get('write', 0):.1f} s"
     )
+    for teacher, cost in summary.grid_costs.items():
+        results.print(f"{teacher}: {describe_grid_cost(cost)}")
