@@ -43,7 +43,7 @@ import numpy as np
 from distill.cohort import Slide, Source, cohort_slides, composition, global_rows, require_alike, require_distinct
 from distill.pools import ChunkSpan, PoolBuffers
 from pipeline.config import ConfigError, DistillConfig
-from pipeline.stores import GRID, RunDir, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
+from pipeline.stores import GRID, FeatureStoreAttrs, RunDir, Store, StoreError, Tiling, UnitReader, open_feature_store, open_tile_store, read_failed_mask, slide_of_row
 from pipeline.views import apply_view
 
 
@@ -245,7 +245,7 @@ def _open_run(run_dir: Path, settings: DistillConfig, teachers: list[str], offse
     return source, slide_of_row(tiles.attrs), read_failed_mask(tiles)
 
 
-def _grid_reader(store, teacher: str, chunk_rows: int) -> UnitReader:
+def _grid_reader(store: Store[FeatureStoreAttrs], teacher: str, chunk_rows: int) -> UnitReader:
     """The teacher's grid array, or a ConfigError naming the fix when its store has none."""
     if not store.attrs.grid or GRID not in store.array_names():
         raise ConfigError(

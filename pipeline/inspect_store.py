@@ -122,11 +122,13 @@ def tile_store_link(path: Path, attrs: FeatureStoreAttrs) -> dict:
 
 
 def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows: int = 4096) -> dict:
-    """Mean L2 norm and per-dimension spread of the embeddings, over evenly spaced whole chunks; or,
+    """Mean L2 norm and per-dimension spread of the embeddings (a grid's: of its cells), over evenly spaced
+    whole chunks of about ``sample_rows`` rows (a grid's: rows / k^2, the same count of vectors); or,
     when a sampled chunk fails its checksum, why they are unreadable (the rest is still described)."""
     step = array.chunks[0]
     starts = range(0, array.shape[0], step)
-    chosen = list(starts)[:: max(1, len(starts) * step // sample_rows)]
+    rows = max(1, sample_rows // math.prod(array.shape[2:-1]))
+    chosen = list(starts)[:: max(1, len(starts) * step // rows)]
     try:
         sample = np.concatenate([array[start : start + step] for start in chosen]).astype(np.float32).reshape(-1, array.shape[-1])
     except (ValueError, OSError) as error:  # a checksum (ValueError) or an I/O error of a sampled chunk

@@ -4,7 +4,8 @@ store module's own functions.
 
 A synthetic teacher is a fixed random two-layer map of the tile's 4 x 4 grid of mean colours: it
 depends on where colours are, so every dihedral view and crop has its own target, and a small ViT
-with 16 px patches can learn it.
+with 16 px patches can learn it. With ``grid`` k > 0 each teacher's store also holds a synthetic grid:
+a fixed random linear map of the mean colours of k x k cells of the view's pixels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zarr
 
 from pipeline.config import Config
 from pipeline.stores import (
-    FLAG_PADDED, FLAG_READ_FAILED, FeatureStoreAttrs, SlideRecord, StoreConfig, Tiling, TileStoreAttrs, UnitMarkers,
+    FLAG_PADDED, FLAG_READ_FAILED, GRID, FeatureStoreAttrs, SlideRecord, StoreConfig, Tiling, TileStoreAttrs, UnitMarkers,
     create_feature_store, create_tile_store, tile_unit_record, unit_ranges, write_rows,
 )
 from pipeline.views import apply_view, expand_views
@@ -37,6 +38,13 @@ def synthetic_teacher(tiles: np.ndarray, seed: int, width: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     hidden = np.tanh((cells - 0.8) @ rng.normal(size=(48, 64)) * 1.5)
     return (hidden @ rng.normal(size=(64, width)) / 4 + rng.normal(size=width)).astype(np.float32)
+
+
+def synthetic_grid(tiles: np.ndarray, seed: int, k: int, width: int) -> np.ndarray:
+    """float32 [n, k*k, width] from uint8 tiles [n, px, px, 3]: cells row-major, as pipeline/grids.py lays them out."""
+    n, px = tiles.shape[:2]
+    cells = tiles.reshape(n, k, px // k, k, px // k, 3).mean(axis=(2, 4)).reshape(n, k * k, 3) / 255
+    return (cells @ np.random.default_rng(100 + seed).normal(size=(3, width))).astype(np.float32)
 
 
 def tissue_tiles(he_pixels: np.ndarray, count: int, side: int) -> np.ndarray:
@@ -61,9 +69,10 @@ def synthetic_tile_attrs(n_rows: int, tile_px: int, slides: list[SlideRecord], c
 
 def make_run(
     run_dir: Path, he_pixels: np.ndarray, tile_px: int = 64, context_px: int = 0, views: list[str] | None = None,
-    teachers: dict[str, int] = TEACHERS, slide_rows: tuple[int, ...] = SLIDE_ROWS,
+    teachers: dict[str, int] = TEACHERS, slide_rows: tuple[int, ...] = SLIDE_ROWS, grid: int = 0,
 ) -> dict:
-    """Write RUN/tiles.zarr and RUN/features/<teacher>.zarr (recipes `cls` and `mean`); return what tests check against.
+    """Write RUN/tiles.zarr and RUN/features/<teacher>.zarr (recipes `cls` and `mean`, and a `grid` of k = `grid`
+    cells a side of the teacher's width when grid > 0); return what tests check against.
     Slide paths are under the run's name, so slides of two runs are different slides unless a test says otherwise."""
     n_rows, stored_px = sum(slide_rows), tile_px + 2 * context_px
     store = StoreConfig(chunk_rows=CHUNK_ROWS, shard_rows=SHARD_ROWS)
@@ -86,12 +95,12 @@ def make_run(
     mark_all(tile_path, tile_attrs.store_id, n_rows, flags=flags)
     tiles = zarr.open_array(str(tile_path / "tiles"), mode="r")[:]  # the decoded stored pixels: what every teacher sees
     view_records = expand_views(views or ["identity"], context_px, tile_px)
-    targets = write_synthetic_features(run_dir, tiles, tile_attrs, view_records, teachers)
+    targets = write_synthetic_features(run_dir, tiles, tile_attrs, view_records, teachers, grid)
     return {"tiles": tiles, "targets": targets, "flags": flags, "slide": slide_of_row, "views": view_records, "tile_attrs": tile_attrs}
 
 
 def write_synthetic_features(
-    run_dir: Path, tiles: np.ndarray, tile_attrs: TileStoreAttrs, views: list[dict], teachers: dict[str, int] = TEACHERS,
+    run_dir: Path, tiles: np.ndarray, tile_attrs: TileStoreAttrs, views: list[dict], teachers: dict[str, int] = TEACHERS, grid: int = 0,
 ) -> dict[str, np.ndarray]:
     """RUN/features/<teacher>.zarr of the synthetic teachers for these (stored) tiles, in the tile store's
     chunks and shards; returns each teacher's `cls` targets [n, V, width]."""
@@ -103,9 +112,12 @@ def write_synthetic_features(
         targets[teacher] = np.stack(per_view, axis=1).astype(np.float16)
         spec = {"name": teacher, "input_px": tile_px, "mean": [0.5] * 3, "std": [0.5] * 3, "target_mpp": 0.5, "stand_in": True}
         path = run_dir / "features" / f"{teacher}.zarr"
-        attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, views)
-        create_feature_store(path, attrs, store.chunk_rows, store.shard_rows, store)
-        write_rows(path, 0, {"cls": targets[teacher], "mean": np.zeros((n_rows, len(views), 8), np.float16)})
+        attrs = FeatureStoreAttrs.new(tile_attrs, spec, {"cls": width, "mean": 8}, views, grid=grid)
+        create_feature_store(path, attrs, store.chunk_rows, store.shard_rows, store, grid_width=width if grid else 0)
+        columns = {"cls": targets[teacher], "mean": np.zeros((n_rows, len(views), 8), np.float16)}
+        if grid:
+            columns[GRID] = np.stack([synthetic_grid(np.ascontiguousarray(apply_view(tiles, view, tile_px)), seed, grid, width) for view in views], axis=1).astype(np.float16)
+        write_rows(path, 0, columns)
         mark_all(path, attrs.store_id, n_rows, shard_rows=store.shard_rows)
     return targets
 

@@ -20,8 +20,12 @@ from safetensors.torch import save_file
 from pipeline.config import Config
 from pipeline.features.stage import run_features
 from feature_run import finished_units
-from pipeline.stores import StoreError, forget_units, open_feature_store
-from pipeline.teachers import UnknownTeacherError, build_teacher
+from pipeline.inspect_store import describe_store
+from pipeline.precision import autocast
+from pipeline.stores import FEATURES_SCHEMA, GRID, StoreError, forget_units, open_feature_store
+from pipeline.teacher_loaders import LOADERS
+from pipeline.teacher_specs import parse_teacher_specs
+from pipeline.teachers import GridUnavailable, UnknownTeacherError, build_teacher, get_teacher
 from pipeline.tiles.stage import run_tiles
 from pipeline.views import apply_view
 
@@ -187,3 +191,66 @@ def test_overlapped_units_write_the_bytes_of_one_unit_at_a_time_and_a_failed_wri
     blocked.unlink()
     assert run_features(config).units_run >= 1  # unit 3 at least; units finished before the error are kept
     assert_same_features(config.run, reference)
+
+
+def test_the_grid_recipe_is_each_teachers_patch_tokens_pooled_on_each_views_pixels(tmp_path, slide_factory, he_pixels):
+    """features.grid 2 on 4 tiles, three views, a ViT (14 x 14 tokens after 5 prefix tokens) and a CNN (7 x 7 map cells)."""
+    slide = slide_factory("grid.tiff", he_pixels[1000:1448, 800:1248], mpp=0.5, levels=1)
+    views = ["identity", "rot90", "flip_rot270"]
+    config = Config.model_validate(settings(tmp_path / "run", slide, views=views, grid=2))
+    run_tiles(config)
+    summary = run_features(config)
+    tiles = zarr.open_group(str(tmp_path / "run" / "tiles.zarr"), mode="r")["tiles"][:]
+    assert tiles.shape[0] == 4
+    for name, width in (("demo-vit", 192), ("demo-convnet", 320)):
+        path = tmp_path / "run" / "features" / f"{name}.zarr"
+        store = open_feature_store(path)
+        assert store.attrs.SCHEMA == FEATURES_SCHEMA and store.attrs.grid == 2 and store.attrs.recipes == get_teacher(name).widths
+        grid = store[GRID]
+        assert grid.shape == (4, 3, 4, width) and grid.dtype == np.float16 and grid.metadata.dimension_names == ("row", "view", "cell", "feature")
+        assert grid.chunks == (8, 3, 4, width)  # whole views, cells and features per chunk, rows as the tile store's
+        teacher = build_teacher(name, grid=2)
+        values = grid[:]
+        for index, view in enumerate(store.attrs.views):
+            pixels = torch.from_numpy(np.ascontiguousarray(apply_view(tiles, view, 224)))
+            # the teacher's own tokens of the viewed pixels, pooled here by hand: quadrants of its token grid
+            with torch.inference_mode(), autocast("cpu", teacher.spec.precision):
+                outputs = LOADERS[teacher.spec.loader].forward(teacher.module, teacher.preprocess(pixels))
+            tokens = outputs.tokens[:, outputs.prefix:].float().numpy()
+            side = int(np.sqrt(tokens.shape[1]))
+            assert side == {"demo-vit": 14, "demo-convnet": 7}[name]
+            by_hand = np.stack([
+                tokens.reshape(4, side, side, width)[:, rows, columns].mean(axis=(1, 2))
+                for rows in (slice(0, -(-side // 2)), slice(side // 2, side)) for columns in (slice(0, -(-side // 2)), slice(side // 2, side))
+            ], axis=1)
+            np.testing.assert_allclose(values[:, index], by_hand, rtol=2e-2, atol=2e-2)
+            np.testing.assert_allclose(values[:, index], teacher.embed(pixels)[GRID].numpy(), rtol=2e-2, atol=2e-2)
+        assert not np.allclose(values[:, 0], values[:, 1], atol=1e-2)  # a turned tile has its own grid
+        cost = summary.grid_costs[name]
+        assert cost["k"] == 2 and cost["raw_bytes_per_view"] == 4 * width * 2 and cost["raw_bytes_per_tile"] == 3 * 4 * width * 2
+        assert 0 < cost["stored_bytes_per_tile"] < cost["raw_bytes_per_tile"] * 1.5
+        described = describe_store(path, verify=True)
+        assert described["grid"] == cost and described["verify"]["ok"] and described["verify"]["non_finite"][GRID] == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["stages"][-1]["grid"] == summary.grid_costs
+
+    regridded = Config.model_validate(settings(tmp_path / "run", slide, views=views, grid=3))
+    with pytest.raises(StoreError, match=r"grid: store has 2, now 3[\s\S]*--overwrite"):
+        run_features(regridded, ["demo-vit"])
+    assert run_features(regridded, ["demo-vit"], overwrite=True).units_run == 1
+    assert open_feature_store(tmp_path / "run" / "features" / "demo-vit.zarr")[GRID].shape == (4, 3, 9, 192)
+
+
+def test_a_teacher_without_patch_tokens_is_refused_a_grid_before_any_work(tiled_run, tmp_path):
+    """An open_clip tower gives only its pooled embedding: nothing to pool into cells."""
+    clip = {
+        "source": "random:0", "stand_in": True, "loader": "open_clip", "arch": "ViT-B-32", "target_mpp": 0.5, "input_px": 224,
+        "kwargs": {"embed_dim": 24, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
+                   "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}},
+        "mean": [0.5] * 3, "std": [0.5] * 3, "recipes": {"embedding": "pooled"}, "widths": {"embedding": 24},
+    }
+    config = Config.model_validate({**tiled_run, "features": {**tiled_run["features"], "teacher_specs": {"clip": clip}, "teachers": ["demo-vit", "clip"], "grid": 2}})
+    with pytest.raises(GridUnavailable, match=r"teacher 'clip' \(open_clip ViT-B-32\) gives only a pooled embedding.*leave it out of this run"):
+        run_features(config)
+    assert not (config.run / "features" / "clip.zarr").exists()
+    with pytest.raises(GridUnavailable, match="no patch tokens"):
+        build_teacher(get_teacher("clip", parse_teacher_specs({"clip": clip})), grid=2)
