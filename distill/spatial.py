@@ -12,12 +12,15 @@ heads regress the teacher's cells there, which only the unmasked context can tel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.data import DistillData, Rows, target_sample
 from distill.scores import HeldOutScores
 from distill.standardize import Standardizer
 from distill.student import NestedHeads
@@ -25,7 +28,6 @@ from pipeline.grids import pool_grid
 from pipeline.precision import autocast
 
 if TYPE_CHECKING:
-    from distill.data import Rows
     from distill.train import Distiller
 
 
@@ -61,6 +63,13 @@ class SpatialHeads(nn.Module):
         heads = NestedHeads({t: s.width for t, s in standardizers.items()}, state["nested_dims"], state["hidden"], state["tied"])
         heads.load_state_dict(state["heads"])
         return cls(state["k"], heads, standardizers)
+
+
+def grid_sample(data: DistillData, teacher: str, size: int, seed: int) -> np.ndarray:
+    """Grid cells [n, C] (float32) to fit a teacher's grid standardizer on: every view and cell of
+    ceil(size / k*k) training rows drawn with `seed` (at least 2), as many samples as the summary
+    standardizer's `size` rows give, so a wide teacher's sample stays as small."""
+    return target_sample(data, teacher, max(2, math.ceil(size / data.grid**2)), seed, grid=True)
 
 
 def draw_masked_cells(batch: int, k: int, ratio: float, device: torch.device) -> Tensor:

@@ -187,6 +187,8 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     checkpoint = load_checkpoint(found) if found else None
     if checkpoint and checkpoint["data"] != data_identity(data):
         raise StoreError(f"{found} was trained on other data ({checkpoint['data']}); move {out_dir} away to start over")
+    if checkpoint:
+        require_same_parameters(checkpoint, found, data, settings)
     history = settings_history(settings, found, checkpoint, accept_changes)
     if world.is_main and history[-1]["changed"] and checkpoint:
         console.print(f"resuming {found.name} with changed settings: {describe_changes(history[-1]['changed'])}")
@@ -196,8 +198,6 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             console.print(f"{out_dir} already finished its {settings.steps} steps; nothing to do")
         return json.loads((out_dir / SUMMARY).read_text()) if world.is_main else {}
 
-    if checkpoint:
-        require_same_parameters(checkpoint, found, data, settings)
     seed_everything(settings.seed)
     student = build_student(settings, data.tile_px)
     heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
