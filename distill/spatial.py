@@ -87,6 +87,7 @@ def validate_grid(model: Distiller, batches: Iterable[Rows], precision: str) -> 
     """Per teacher and nested dim, between each spatial head's cells and the standardized grid (the
     space the spatial loss works in), every cell of every row a sample (distill/scores.py):
     {teacher: {m: {"cos", "r2"}}}, the layout of train.validate's scores."""
+    was_training = model.training
     model.eval()
     scores = HeldOutScores()
     for batch in batches:
@@ -96,5 +97,5 @@ def validate_grid(model: Distiller, batches: Iterable[Rows], precision: str) -> 
             _, tokens = model.student.forward_tokens(images)
             predictions = model.spatial.heads(model.spatial.cells(tokens))
         scores.add({key: cells.flatten(0, 1) for key, cells in predictions.items()}, {t: grid.flatten(0, 1) for t, grid in grids.items()})
-    model.train()
+    model.train(was_training)  # fidelity measures an exported student in eval mode, and leaves it so
     return scores.result()
