@@ -13,7 +13,10 @@ RUN/student/
                        target mpp, input mean/std, teachers (target width, standardizer kind), heads,
                        and from training the split and composition (distill/cohort.py)
   heads.safetensors    heads and standardizers: to continue training, or to emulate the teachers
-                       (``load_emulator(path).emulate(x, teacher, dim)``) from the student alone
+                       (``load_emulator(path).emulate(x, teacher, dim)``) from the student alone;
+                       with spatial distillation also the spatial heads and grid standardizers
+                       (``grid_heads.``, ``grid_standardizers.``, ``load_spatial_heads``) and the
+                       mask token (``mask_token``), which is no timm backbone weight
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from distill.spatial import SpatialHeads
 from distill.standardize import Standardizer
 from distill.student import NestedHeads, Student
 from pipeline.errors import PathdistillError
@@ -54,6 +58,7 @@ def export_student(
     meta: Mapping[str, Any],
     standardizers: Mapping[str, Standardizer],
     heads: NestedHeads,
+    spatial: SpatialHeads | None = None,
 ) -> Path:
     """Write the three files (each atomically, student.json last) and return the path of student.json.
     `meta` must hold REQUIRED_META and may add JSON-able keys (teacher specs, training config, ...)."""
@@ -73,6 +78,11 @@ def export_student(
         "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in standardizers.items()},
         "heads": {"hidden": heads.hidden, "tied": heads.tied},
     }
+    if spatial is not None:
+        record["grid"] = {
+            "k": spatial.k, "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in spatial.standardizers.items()},
+            "heads": {"hidden": spatial.heads.hidden, "tied": spatial.heads.tied},
+        }
     clashing = sorted(set(meta) & set(record))
     if clashing:
         raise ValueError(f"export meta must not set {clashing}: export writes them from the student")
@@ -84,6 +94,10 @@ def export_student(
     _link_or_copy(out_dir / "student.safetensors", out_dir / TIMM_WEIGHTS)
     _save_timm_config(student, record, out_dir / TIMM_CONFIG)
     head_state = nn.ModuleDict({"heads": heads, "standardizers": nn.ModuleDict(standardizers)}).state_dict()
+    if spatial is not None:
+        head_state.update({f"grid_{key}": value for key, value in spatial.state_dict().items()})  # grid_heads., grid_standardizers.
+    if student.mask_token is not None:
+        head_state["mask_token"] = student.mask_token
     _save_tensors(head_state, out_dir / "heads.safetensors")
     json_path = out_dir / "student.json"
     write_text_atomically(json_path, json.dumps(record, indent=2) + "\n")
@@ -111,6 +125,19 @@ def load_heads(path: str | Path) -> tuple[NestedHeads, dict[str, Standardizer]]:
     heads.load_state_dict(_under(tensors, "heads."))
     standardizers = {name: Standardizer.from_state(_under(tensors, f"standardizers.{name}.")) for name in widths}
     return heads.eval(), standardizers
+
+
+def load_spatial_heads(path: str | Path) -> SpatialHeads | None:
+    """The spatial heads and grid standardizers exported next to the student; None if it had none."""
+    directory, record = read_student_json(path)
+    if "grid" not in record:
+        return None
+    tensors = safetensors.torch.load_file(directory / "heads.safetensors")
+    grid = record["grid"]
+    standardizers = {name: Standardizer.from_state(_under(tensors, f"grid_standardizers.{name}.")) for name in grid["teachers"]}
+    heads = NestedHeads({name: teacher["width"] for name, teacher in grid["teachers"].items()}, record["nested_dims"], **grid["heads"])
+    heads.load_state_dict(_under(tensors, "grid_heads."))
+    return SpatialHeads(grid["k"], heads, standardizers).eval()
 
 
 @dataclass(frozen=True)

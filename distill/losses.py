@@ -3,6 +3,7 @@
     L = sum_t w_t sum_m c_m [alpha (1 - cos(h_tm(z[:m]), y_t)) + beta smooth_l1(h_tm(z[:m]), y_t)]
 
 with y_t the standardized target of teacher t; batch means inside, sums over t and m as in MRL.
+spatial_distill_loss is the same loss per grid cell of the spatial targets (docs/design.md, Student).
 """
 
 from __future__ import annotations
@@ -49,3 +50,40 @@ def nested_distill_loss(
         total = total + teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0) * loss
         parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
     return total, parts
+
+
+def spatial_distill_loss(
+    cells: Tensor,
+    heads: NestedHeads,
+    grids: Mapping[str, Tensor],
+    teacher_weights: Mapping[str, float] | None = None,
+    dim_weights: Mapping[int, float] | None = None,
+    alpha: float = 0.9,
+    beta: float = 0.1,
+    where: Tensor | None = None,
+) -> tuple[Tensor, Parts]:
+    """The spatial term: the summary loss's cosine + smooth-L1 per grid cell,
+
+        L = sum_t,m w_t c_m l_tm / sum_t,m w_t c_m,
+        l_tm = mean over cells (b, j) [alpha (1 - cos(h_tm(g_bj[:m]), Y_tbj)) + beta smooth_l1(h_tm(g_bj[:m]), Y_tbj)]
+
+    with g [B, k*k, D] the student's grid cell tokens and Y_t [B, k*k, C] teacher t's standardized grid.
+    `where` bool [B, k*k] restricts the mean to those cells (the masked cells of masked-token
+    regression); every cell when None. Parts as nested_distill_loss's, per (teacher, m)."""
+    teacher_weights = teacher_weights or {}
+    dim_weights = dim_weights or {}
+    if set(grids) != set(heads.teacher_widths):
+        raise ValueError(f"grids are for teachers {sorted(grids)}, spatial heads for {sorted(heads.teacher_widths)}")
+    chosen = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device) if where is None else where
+    total = cells.new_zeros((), dtype=torch.float32)
+    weight_sum = 0.0
+    parts: Parts = {}
+    for (teacher, m), prediction in heads(cells).items():
+        prediction, target = prediction.float()[chosen], grids[teacher].float()[chosen]  # [cells chosen, C]
+        cos = F.cosine_similarity(prediction, target, dim=-1).mean()
+        smooth_l1 = F.smooth_l1_loss(prediction, target)  # every chosen cell has C values: the mean over cells of their means
+        loss = alpha * (1 - cos) + beta * smooth_l1
+        weight = teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0)
+        total, weight_sum = total + weight * loss, weight_sum + weight
+        parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
+    return (total / weight_sum if weight_sum else total), parts

@@ -1,8 +1,10 @@
 """The student, a timm backbone whose pooled embedding z [B, D] is nested (Matryoshka): its first m
-dims are an embedding on their own. During training, heads map each prefix z[:m] to every teacher."""
+dims are an embedding on their own. During training, heads map each prefix z[:m] to every teacher,
+and, for spatial targets, the first m dims of each grid cell's token to every teacher's grid."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,8 +12,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from pipeline.grids import pool_grid
 from pipeline.weights import RandomInit, WeightsError, parse_source, state_dict_for
 
 
@@ -26,7 +30,11 @@ class Student(nn.Module):
     when HF_HUB_OFFLINE=1) or a .safetensors / torch checkpoint file.
 
     `mean` / `std` normalise the input pixels: by default those the backbone's timm pretrained config
-    names (ImageNet's when it names none); an exported student passes the ones it was trained with."""
+    names (ImageNet's when it names none); an exported student passes the ones it was trained with.
+
+    `mask_token` adds a learned token that `forward_tokens` puts in place of masked patches (masked-token
+    regression); only a timm VisionTransformer takes it. It is no backbone weight: the export keeps it
+    in heads.safetensors, so student.safetensors stays what plain timm loads."""
 
     def __init__(
         self,
@@ -36,6 +44,7 @@ class Student(nn.Module):
         init: str = "random:0",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        mask_token: bool = False,
     ):
         super().__init__()
         self.arch = arch
@@ -49,9 +58,47 @@ class Student(nn.Module):
         if not dims or dims != sorted(set(dims)) or dims[0] < 1 or dims[-1] > self.width:
             raise ValueError(f"nested dims {dims} must be increasing and within 1..D={self.width}")
         self.nested_dims = dims
+        if mask_token and not isinstance(self.backbone, VisionTransformer):
+            raise ValueError(
+                f"{arch} is a {type(self.backbone).__name__}, not a timm VisionTransformer: masked patches need a ViT's "
+                "patch embedding, so choose a ViT student or set distill.mask_ratio: 0"
+            )
+        # DINOv2 starts its mask token at zero, too
+        self.mask_token = nn.Parameter(torch.zeros(self.backbone.embed_dim)) if mask_token else None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
+
+    def forward_tokens(self, images: Tensor, masked_cells: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z [B, D], exactly what forward gives, and the patch tokens [B, T, D'] it comes from, row-major:
+        a ViT's tokens after its final norm without its prefix (class, register) tokens, a CNN's final
+        feature map cells. `masked_cells` bool [B, k*k] masks every patch inside those cells of the k x k
+        grid (pool_grid's cells): its patch embedding is replaced by the mask token before the position
+        embedding is added, as in iBOT and MAE."""
+        backbone = self.backbone
+        if masked_cells is None:
+            features = backbone.forward_features(images)
+        else:
+            if self.mask_token is None:
+                raise ValueError("this student has no mask token: build it with mask_token=True to mask patches")
+            features = self._masked_features(images, masked_cells)
+        z = backbone.forward_head(features, pre_logits=True)
+        if features.ndim == 4:  # a CNN's [B, C, H, W]
+            return z, features.flatten(2).transpose(1, 2)
+        return z, features[:, backbone.num_prefix_tokens :]
+
+    def mask_patches(self, patches: Tensor, masked_cells: Tensor) -> Tensor:
+        """Patch embeddings [B, T, C] (or [B, H, W, C] with dynamic_img_size) with the mask token in place
+        of every patch of the masked cells."""
+        masked = patches_in_cells(masked_cells, patches[0, ..., 0].numel()).view(*patches.shape[:-1], 1)
+        return torch.where(masked, self.mask_token.to(patches.dtype), patches)
+
+    def _masked_features(self, images: Tensor, masked_cells: Tensor) -> Tensor:
+        """timm VisionTransformer.forward_features (timm 1.0) with the patches masked after patch_embed."""
+        vit = self.backbone
+        x = self.mask_patches(vit.patch_embed(images), masked_cells)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        return vit.norm(vit.blocks(x))
 
     def preprocess(self, tiles_uint8_nhwc: Tensor) -> Tensor:
         """uint8 tiles [B, H, W, 3] -> the normalised float input [B, 3, H, W], on the student's device."""
@@ -99,8 +146,18 @@ def create_backbone(arch: str, timm_kwargs: Mapping[str, Any], init: str) -> nn.
     return backbone
 
 
+def patches_in_cells(masked_cells: Tensor, patches: int) -> Tensor:
+    """bool [B, T]: the patches of a square row-major grid of T patches lying in any masked cell of the
+    k x k grid (masked_cells bool [B, k*k]). A patch is in a cell when pool_grid averages it into that
+    cell, so the mask follows whatever pooling the teachers' grids were made with."""
+    k = math.isqrt(masked_cells.shape[1])
+    identity = torch.eye(patches, device=masked_cells.device).unsqueeze(0)  # patch t's one-hot token
+    in_cell = pool_grid(identity, k)[0] > 0  # [k*k, T]
+    return (masked_cells.float() @ in_cell.float()) > 0
+
+
 class PrefixMLP(nn.Module):
-    """LayerNorm, Linear, GELU, Linear applied to x [B, m] for any m <= in_width: the LayerNorm and the
+    """LayerNorm, Linear, GELU, Linear applied to x [..., m] for any m <= in_width: the LayerNorm and the
     first Linear use only their first m input weights, so one head can serve every nested dim (MRL-E)."""
 
     def __init__(self, in_width: int, hidden: int, out_width: int):
@@ -118,7 +175,8 @@ class PrefixMLP(nn.Module):
 
 class NestedHeads(nn.Module):
     """A head per teacher and nested dim m mapping z[:m] to the teacher's standardized target; with
-    `tied`, one head per teacher shared by every m (MRL-E), which cuts head parameters about |M|-fold."""
+    `tied`, one head per teacher shared by every m (MRL-E), which cuts head parameters about |M|-fold.
+    z may carry leading dims: the spatial heads map grid cell tokens [B, k*k, D] cell by cell."""
 
     def __init__(
         self, teacher_widths: Mapping[str, int], nested_dims: Sequence[int], hidden: int, tied: bool = False
@@ -141,9 +199,9 @@ class NestedHeads(nn.Module):
         return self.heads[teacher] if self.tied else self.heads[teacher][str(m)]
 
     def forward(self, z: Tensor) -> dict[tuple[str, int], Tensor]:
-        """Predictions [B, teacher width] keyed by (teacher, m)."""
+        """Predictions [..., teacher width] keyed by (teacher, m)."""
         return {
-            (teacher, m): self.head(teacher, m)(z[:, :m])
+            (teacher, m): self.head(teacher, m)(z[..., :m])
             for teacher in self.teacher_widths
             for m in self.nested_dims
         }

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -32,14 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
 from distill.export import export_student
-from distill.losses import Parts, nested_distill_loss
+from distill.losses import Parts, nested_distill_loss, spatial_distill_loss
+from distill.scores import HeldOutScores
+from distill.spatial import SpatialHeads, draw_masked_cells, grid_sample, validate_grid
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
 from distill.train_log import MetricsLog, describe_changes, plot_metrics, write_report
@@ -102,18 +102,25 @@ class World:
 
 class Distiller(nn.Module):
     """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
-    into the student's pixels and standardized targets; `forward` returns the loss, so DDP sees every
-    trained parameter used inside forward."""
+    into the student's pixels and standardized targets (`grid_targets`: grids); `forward` returns the
+    loss, so DDP sees every trained parameter used inside forward.
+
+    With `spatial` heads the loss adds distill.spatial_weight x the spatial term and, when
+    distill.mask_ratio > 0, distill.masked_weight x the masked-cell term, on a second forward of the
+    same images with cells masked; their parts are keyed ("grid", teacher, m) and ("masked", teacher, m)."""
 
     def __init__(
         self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer], settings: DistillConfig,
+        spatial: SpatialHeads | None = None,
     ):
         super().__init__()
         self.student, self.heads = student, heads
         self.standardizers = nn.ModuleDict(standardizers)
+        self.spatial = spatial
         self.loss_weights = dict(
             teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
         )
+        self.spatial_weight, self.mask_ratio, self.masked_weight = settings.spatial_weight, settings.mask_ratio, settings.masked_weight
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
@@ -121,8 +128,30 @@ class Distiller(nn.Module):
         targets = {t: self.standardizers[t](to_device(y, device)) for t, y in batch.targets.items()}
         return images, targets
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts]:
-        return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+    def grid_targets(self, batch: Rows) -> dict[str, Tensor]:
+        """Each teacher's standardized grid [B, k*k, C]; {} without spatial heads."""
+        if self.spatial is None:
+            return {}
+        device = next(self.parameters()).device
+        return self.spatial.targets({t: to_device(grid, device) for t, grid in batch.grids.items()})
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor], grids: dict[str, Tensor] | None = None) -> tuple[Tensor, Parts]:
+        if self.spatial is None:
+            return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+        z, tokens = self.student.forward_tokens(images)
+        loss, parts = nested_distill_loss(z, self.heads, targets, **self.loss_weights)
+        spatial, spatial_parts = spatial_distill_loss(self.spatial.cells(tokens), self.spatial.heads, grids, **self.loss_weights)
+        loss = loss + self.spatial_weight * spatial
+        parts.update({("grid", *key): part for key, part in spatial_parts.items()})
+        if self.mask_ratio > 0:
+            masked_cells = draw_masked_cells(len(images), self.spatial.k, self.mask_ratio, images.device)
+            _, masked_tokens = self.student.forward_tokens(images, masked_cells)
+            masked, masked_parts = spatial_distill_loss(
+                self.spatial.cells(masked_tokens), self.spatial.heads, grids, **self.loss_weights, where=masked_cells
+            )
+            loss = loss + self.masked_weight * masked
+            parts.update({("masked", *key): part for key, part in masked_parts.items()})
+        return loss, parts
 
 
 def to_device(values: np.ndarray, device: torch.device) -> Tensor:
@@ -158,6 +187,8 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
     checkpoint = load_checkpoint(found) if found else None
     if checkpoint and checkpoint["data"] != data_identity(data):
         raise StoreError(f"{found} was trained on other data ({checkpoint['data']}); move {out_dir} away to start over")
+    if checkpoint:
+        require_same_parameters(checkpoint, found, data, settings)
     history = settings_history(settings, found, checkpoint, accept_changes)
     if world.is_main and history[-1]["changed"] and checkpoint:
         console.print(f"resuming {found.name} with changed settings: {describe_changes(history[-1]['changed'])}")
@@ -177,7 +208,8 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize)
             for t in data.recipes
         }
-    model = Distiller(student, heads, standardizers, settings).to(world.device)
+    spatial = spatial_heads(data, student, settings, checkpoint) if data.grid_widths else None
+    model = Distiller(student, heads, standardizers, settings, spatial).to(world.device)
     if settings.compile:
         compile_student(model)
     optimizer = make_optimizer(model, settings)
@@ -200,7 +232,10 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
 
     def evaluate() -> None:
         scores, rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
-        log.append({"kind": "eval", "step": step, "rows": rows, "val": scores})
+        record = {"kind": "eval", "step": step, "rows": rows, "val": scores}
+        if spatial:
+            record["grid_val"] = validate_grid(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
+        log.append(record)
 
     first_step, loop_started = step, time.perf_counter()
     unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, losses on the device) not yet logged
@@ -213,7 +248,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged = torch.zeros(1 + len(data.widths) * len(heads.nested_dims), device=world.device)
+            logged = 0.0  # becomes [total, *part losses] of the step, averaged over its micro-batches
             slides = []
             for micro in range(settings.accumulation):
                 last = micro == settings.accumulation - 1
@@ -221,7 +256,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
                 slides.append(batch.slides)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
                     loss, parts = forward_backward(training, model, batch, settings)
-                logged += torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
+                logged = logged + torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
             optimizer_step(model, optimizer, settings)
             step += 1
             unread.append((step, lr, len(np.unique(np.concatenate(slides))), logged))
@@ -235,12 +270,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             samples_per_s = len(unread) * settings.batch_size * settings.accumulation / (time.perf_counter() - stretch_started)
             if world.is_main:
                 for (logged_step, logged_lr, distinct, _), (total, *by_dim) in zip(unread, values):
-                    loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
-                    for (teacher, m), value in zip(parts, by_dim):
-                        loss_by_dim[teacher][str(m)] = value
                     log.append({
                         "kind": "train", "step": logged_step, "loss": total, "lr": logged_lr, "samples_per_s": samples_per_s,
-                        "slides": distinct, "loss_by_dim": loss_by_dim,
+                        "slides": distinct, **losses_by_term(parts, by_dim),
                     })
                 bar.update(task, rate=f"loss {values[-1][0]:.4f}, {samples_per_s:.0f} samples/s")
                 if validating:
@@ -255,7 +287,8 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
 
     records = log.read()
     final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
-    export_student(student, out_dir, export_meta(data, settings, history, final_val), standardizers, heads)
+    final_grid_val = next((r.get("grid_val", {}) for r in reversed(records) if r["kind"] == "eval"), {})
+    export_student(student, out_dir, export_meta(data, settings, history, final_val, final_grid_val), standardizers, heads, spatial)
     speed = {
         **measure_speeds(model, training_loader(data, settings, World(0, 1, world.device)), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
@@ -285,6 +318,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "steps": step,
         "resumed_from": first_step,
         "final_val": final_val,
+        "final_grid_val": final_grid_val,
         "speed": speed,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -302,6 +336,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "loader_samples_per_second": round(speed["loader"], 2),
         "step_samples_per_second": round(speed["step"], 2),
         "final_val": final_val,
+        "final_grid_val": final_grid_val,
     })
     return summary
 
@@ -313,9 +348,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_student(settings: DistillConfig, tile_px: int) -> Student:
-    """The configured student, refused with the key to fix when it cannot take these tiles or dims."""
+    """The configured student, refused with the key to fix when it cannot take these tiles or dims, or
+    cannot mask patches when distill.mask_ratio asks it to."""
     try:
-        student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init)
+        student = Student(settings.student, settings.student_kwargs, settings.nested_dims, settings.init, mask_token=settings.mask_ratio > 0)
     except (ValueError, WeightsError) as error:
         raise ConfigError(f"distill.student / nested_dims / init: {error}") from error
     if set(settings.dim_weights) - set(student.nested_dims):
@@ -327,6 +363,54 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
             f"set distill.student_kwargs.img_size: {tile_px} (or dynamic_img_size: true)"
         )
     return student
+
+
+def spatial_heads(data: DistillData, student: Student, settings: DistillConfig, checkpoint: dict | None) -> SpatialHeads:
+    """The checkpoint's spatial heads, or new ones whose grid standardizers are fitted on a sample of cells.
+    The student's cell tokens give every head its first m dims, so they must be D wide as z is."""
+    token_width = student.backbone.num_features  # timm: the width of forward_features' tokens or feature map
+    if token_width != student.width:
+        raise ConfigError(
+            f"student {settings.student} has patch tokens {token_width} wide but an embedding of D={student.width}: "
+            "its nested dims cannot index its grid cells; choose a student whose tokens are D wide (a ViT) or set "
+            "distill.spatial_weight: 0 and distill.mask_ratio: 0"
+        )
+    if checkpoint:
+        spatial = SpatialHeads.from_state(checkpoint["spatial"])
+        if spatial.k != data.grid or {t: s.width for t, s in spatial.standardizers.items()} != data.grid_widths:
+            raise StoreError(f"the checkpoint's spatial heads are for a {spatial.k} x {spatial.k} grid, the feature stores hold {data.grid} x {data.grid}: move RUN/student away to start over")
+        return spatial
+    heads = NestedHeads(data.grid_widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    standardizers = {
+        t: fit_standardizer(grid_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize) for t in data.grid_widths
+    }
+    return SpatialHeads(data.grid, heads, standardizers)
+
+
+def require_same_parameters(checkpoint: dict, found: Path, data: DistillData, settings: DistillConfig) -> None:
+    """A resumed run goes on with the parameters it trained: the spatial and masked terms can be
+    reweighted (distill.spatial_weight, masked_weight, mask_ratio within (0, 1)), not switched on or off."""
+    for what, trained, asked in (
+        ("spatial heads (distill.spatial_weight or mask_ratio > 0)", "spatial" in checkpoint, bool(data.grid_widths)),
+        ("a mask token (distill.mask_ratio > 0)", "mask_token" in checkpoint["student"], settings.mask_ratio > 0),
+    ):
+        if trained != asked:
+            raise ConfigError(
+                f"{found} was trained {'with' if trained else 'without'} {what} and the config now asks for the opposite: "
+                f"restore the setting to resume, or move {found.parent.parent} away to start over"
+            )
+
+
+def losses_by_term(keys: Iterable[tuple], values: Iterable[float]) -> dict[str, dict[str, dict[str, float]]]:
+    """A step's logged part losses by term: {"loss_by_dim": {teacher: {m: loss}}} for the summary parts
+    (keyed (teacher, m)), and "grid_loss_by_dim" / "masked_loss_by_dim" for the spatial ones (keyed
+    ("grid" | "masked", teacher, m))."""
+    terms: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in zip(keys, values):
+        name = "loss_by_dim" if len(key) == 2 else f"{key[0]}_loss_by_dim"
+        teacher, m = key[-2:]
+        terms.setdefault(name, {}).setdefault(teacher, {})[str(m)] = value
+    return terms
 
 
 def training_loader(data: DistillData, settings: DistillConfig, world: World, state: dict | None = None) -> BlockShuffleLoader:
@@ -376,8 +460,9 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
 def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
     """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
     images, targets = model.inputs(batch)
+    grids = model.grid_targets(batch)
     with autocast(images.device.type, settings.precision):
-        loss, parts = training(images, targets)
+        loss, parts = training(images, targets, grids)
     (loss / settings.accumulation).backward()
     return loss.detach(), parts
 
@@ -392,31 +477,16 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings:
 def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple[dict, int]:
     """Per teacher and nested dim, between each head's output and the standardized target (the space
     the loss works in): the mean cosine over rows, and R^2 = 1 - SSE / SST summed over all dims, SST
-    around the validation mean. Returns ({teacher: {m: {"cos", "r2"}}}, rows)."""
+    around the validation mean (distill/scores.py). Returns ({teacher: {m: {"cos", "r2"}}}, rows)."""
     model.eval()
-    cosine, squared_error, target_sum, target_square_sum = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
-    rows = 0
+    scores = HeldOutScores()
     for batch in batches:
         images, targets = model.inputs(batch)
         with autocast(images.device.type, precision):
             predictions = model.heads(model.student(images))
-        for (teacher, m), prediction in predictions.items():
-            prediction, target = prediction.double(), targets[teacher].double()
-            cosine[teacher, m] += F.cosine_similarity(prediction, target, dim=-1).sum()
-            squared_error[teacher, m] += (prediction - target).square().sum()
-        for teacher, target in targets.items():
-            target_sum[teacher] += target.double().sum(0)
-            target_square_sum[teacher] += target.double().square().sum(0)
-        rows += len(batch)
+        scores.add(predictions, targets)
     model.train()
-    total_squares = {t: (target_square_sum[t] - target_sum[t].square() / rows).sum() for t in target_sum}
-    scores: dict[str, dict[str, dict[str, float]]] = {t: {} for t in target_sum}
-    for (teacher, m), cosine_sum in cosine.items():
-        scores[teacher][str(m)] = {
-            "cos": (cosine_sum / rows).item(),
-            "r2": (1 - squared_error[teacher, m] / total_squares[teacher]).item(),
-        }
-    return scores, rows
+    return scores.result(), scores.samples
 
 
 def data_identity(data: DistillData) -> dict:
@@ -464,6 +534,7 @@ def checkpoint_state(
         "student": model.student.state_dict(),
         "heads": model.heads.state_dict(),
         "standardizers": {t: s.state_dict() for t, s in model.standardizers.items()},
+        **({"spatial": model.spatial.state()} if model.spatial else {}),
         "optimizer": optimizer.state_dict(),
         "loader": loader.state_dict(),
         "rng": rng_state(),
@@ -472,7 +543,7 @@ def checkpoint_state(
     }
 
 
-def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict) -> dict:
+def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict, final_grid_val: dict) -> dict:
     return {
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
@@ -481,6 +552,7 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
         "composition": data.composition(),
         "split": data.split.as_record(),
         "final_val": final_val,
+        "final_grid_val": final_grid_val,
         "distill": settings.model_dump(mode="json"),
         "distill_history": history,
     }

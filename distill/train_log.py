@@ -3,7 +3,10 @@
 metrics.jsonl holds one JSON record per line:
   {"kind": "train", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim": {teacher: {m: loss}}}
   {"kind": "eval", "step", "rows", "val": {teacher: {m: {"cos": .., "r2": ..}}}}
-Validation is measured on standardized targets (the space the loss works in), see train.validate.
+With spatial distillation, train records add "grid_loss_by_dim" (and "masked_loss_by_dim" with masked
+cells) and eval records "grid_val", in the same layouts (the per-(teacher, m) term before weighting).
+Validation is measured on standardized targets (the space the loss works in), see train.validate and
+spatial.validate_grid.
 `slides` is how many distinct slides the step's batch held (rank 0's share under DDP); `samples_per_s`
 is measured over the stretch of steps since the losses were last read from the device (log_every).
 """
@@ -43,14 +46,20 @@ class MetricsLog:
 
 
 def plot_metrics(records: list[dict], directory: Path) -> list[Path]:
-    """loss.png (total, and per teacher per nested dim) and val_cosine.png (per teacher per nested dim)."""
+    """loss.png (total, and per teacher per nested dim; spatial terms too) and val_cosine.png (per
+    teacher per nested dim; grid cosine too)."""
     directory.mkdir(parents=True, exist_ok=True)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     teachers = list(train[-1]["loss_by_dim"]) if train else []
     loss_panels = [("total", {"loss": ([r["step"] for r in train], [r["loss"] for r in train])})]
-    loss_panels += [(teacher, _by_dim(train, lambda r, t=teacher: r["loss_by_dim"][t])) for teacher in teachers]
-    cosine_panels = [(teacher, _by_dim(evals, lambda r, t=teacher: {m: v["cos"] for m, v in r["val"][t].items()})) for teacher in teachers]
+    for key, label in (("loss_by_dim", "{}"), ("grid_loss_by_dim", "{} grid"), ("masked_loss_by_dim", "{} masked cells")):
+        if train and key in train[-1]:
+            loss_panels += [(label.format(teacher), _by_dim(train, lambda r, t=teacher, k=key: r[k][t])) for teacher in teachers]
+    cosine_panels = []
+    for key, label in (("val", "{}"), ("grid_val", "{} grid")):
+        if evals and key in evals[-1]:
+            cosine_panels += [(label.format(teacher), _by_dim(evals, lambda r, t=teacher, k=key: {m: v["cos"] for m, v in r[k][t].items()})) for teacher in teachers]
     plots = [_draw(loss_panels, "training loss", directory / "loss.png")]
     if evals:  # no held-out slides, no validation curves
         plots.append(_draw(cosine_panels, "validation cosine (standardized targets)", directory / "val_cosine.png"))
@@ -110,11 +119,11 @@ def write_report(path: Path, summary: dict) -> None:
     ]
     final = summary["final_val"]
     if final:
-        dims = list(next(iter(final.values())))
-        lines += [f"| teacher | {' | '.join(f'm={m}' for m in dims)} |", f"|---|{'---|' * len(dims)}"]
-        lines += [f"| {t} | {' | '.join(_cell(by_dim[m]) for m in dims)} |" for t, by_dim in final.items()]
+        lines += _scores_table(final)
     else:
         lines.append("No validation slides (distill.val_slides = 0).")
+    if summary.get("final_grid_val"):
+        lines += ["", "Spatial targets (each grid cell of those rows a sample; cosine / R^2 on standardized grids):", "", *_scores_table(summary["final_grid_val"])]
     lines += [
         "",
         "## Speed (samples/s)",
@@ -140,20 +149,29 @@ def describe_changes(changed: dict[str, list]) -> str:
     return ", ".join(f"{key} {before!r} -> {value!r}" for key, (before, value) in changed.items())
 
 
+def _scores_table(scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    dims = list(next(iter(scores.values())))
+    return [
+        f"| teacher | {' | '.join(f'm={m}' for m in dims)} |", f"|---|{'---|' * len(dims)}",
+        *(f"| {t} | {' | '.join(_cell(by_dim[m]) for m in dims)} |" for t, by_dim in scores.items()),
+    ]
+
+
 def _cell(scores: dict[str, float]) -> str:
     return f"{scores['cos']:.3f} / {scores['r2']:.3f}"
 
 
 def print_summary(summary: dict) -> None:
     """The final validation table and the speeds, on the terminal; report.md has the rest."""
-    final, speed = summary["final_val"], summary["speed"]
-    if final:
-        dims = list(next(iter(final.values())))
-        results.print(table(
-            f"{summary['student_dir']}: held-out validation, cosine / R^2 per nested dim",
-            ["teacher", *(f"m={m}" for m in dims)],
-            [[teacher, *(_cell(by_dim[m]) for m in dims)] for teacher, by_dim in final.items()],
-        ))
+    speed = summary["speed"]
+    for scores, what in ((summary["final_val"], "held-out validation"), (summary.get("final_grid_val"), "held-out grid cells")):
+        if scores:
+            dims = list(next(iter(scores.values())))
+            results.print(table(
+                f"{summary['student_dir']}: {what}, cosine / R^2 per nested dim",
+                ["teacher", *(f"m={m}" for m in dims)],
+                [[teacher, *(_cell(by_dim[m]) for m in dims)] for teacher, by_dim in scores.items()],
+            ))
     results.print(
         f"{summary['steps']} steps in {summary['wall_seconds']:.0f} s; samples/s: loader {speed['loader']:.0f}, "
         f"step {speed['step']:.1f}, training {speed['training']:.1f}; {describe_mix(summary['loader'])}; report: {summary['student_dir']}/report.md"

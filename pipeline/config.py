@@ -111,6 +111,7 @@ class DistillConfig(Strict):
     beta: float = Field(0.1, ge=0, description="weight of smooth-L1")
     spatial_weight: float = Field(0.0, ge=0, description="weight of the spatial (grid) loss beside the summary loss; 0: off (> 0 needs feature stores made with features.grid)")
     mask_ratio: float = Field(0.0, ge=0, lt=1, description="masked-token regression: share of grid cells whose patches the student sees masked; 0: off")
+    masked_weight: float = Field(1.0, ge=0, description="weight of the masked-cell regression term (distill.mask_ratio > 0; needs a ViT student)")
     standardize: Literal["phi-s", "zscore"] = "phi-s"
     standardize_sample: int = Field(4096, gt=1, description="rows sampled to fit the target standardizer")
     steps: int = Field(300, gt=0)

@@ -4,7 +4,8 @@ same measure re-computed here by the distiller's own code (``train.validate`` on
 stores and settings), so that the two agree when the stores and student are the ones the run used.
 
 Both are measured where the loss works, on standardized targets: the mean cosine between a head's
-output and the target, and R^2 = 1 - SSE / SST summed over all dims.
+output and the target, and R^2 = 1 - SSE / SST summed over all dims. A student distilled with spatial
+targets is measured on its grids too, every cell a sample (``spatial.validate_grid``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.data import open_distill_data, validation_batches
-from distill.export import load_heads, load_student, read_student_json
+from distill.export import load_heads, load_spatial_heads, load_student, read_student_json
+from distill.spatial import validate_grid
 from distill.train import Distiller, validate
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.stores import StoreError
@@ -23,8 +25,9 @@ RUN_KEYS = ("distill", "distilled_from", "split", "composition", "final_val")
 def fidelity(runs: list[Path] | None, student_dir: Path, rows: int | None) -> dict:
     """{"held_out_slides": [{"run", "id", "name", "rows"}], "rows", "run": final_val, "recomputed":
     {teacher: {m: {"cos", "r2"}}}}, measured over the held-out slides of every run of the training set
-    (`runs`, or none: the runs the student records); or {"skipped": reason} when the student or the
-    runs' stores do not allow it."""
+    (`runs`, or none: the runs the student records), and for a student with spatial heads "grid":
+    {"run": final_grid_val, "recomputed": {teacher: {m: {"cos", "r2"}}}} over their grid cells; or
+    {"skipped": reason} when the student or the runs' stores do not allow it."""
     _, record = read_student_json(student_dir)
     missing = [key for key in RUN_KEYS if key not in record]
     if missing:
@@ -51,9 +54,14 @@ def fidelity(runs: list[Path] | None, student_dir: Path, rows: int | None) -> di
             f"tile stores {stores}, held out {[(s['run'], s['name']) for s in held_out]}); list those runs in distill.runs (--runs)"
         )}
     heads, standardizers = load_heads(student_dir)
-    model = Distiller(load_student(student_dir), heads, standardizers, settings)
+    spatial = load_spatial_heads(student_dir)
+    model = Distiller(load_student(student_dir), heads, standardizers, settings, spatial)
     scores, measured_rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
-    return {"held_out_slides": held_out, "rows": measured_rows, "run": record["final_val"], "recomputed": scores}
+    result = {"held_out_slides": held_out, "rows": measured_rows, "run": record["final_val"], "recomputed": scores}
+    if spatial is not None:
+        grid_scores = validate_grid(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
+        result["grid"] = {"run": record.get("final_grid_val", {}), "recomputed": grid_scores}
+    return result
 
 
 def _held_out_by_store(composition: list[dict]) -> list[tuple[str, list[int]]]:

@@ -68,6 +68,11 @@ def write_markdown(result: dict) -> str:
             "targets, re-computed here (the run's own final validation in brackets).", "",
             *markdown_table(*fidelity_table(fidelity)),
         ]
+        if "grid" in fidelity:
+            lines += [
+                "", "Spatial targets, each grid cell of those rows a sample: cosine / R^2 on standardized grids.", "",
+                *markdown_table(*fidelity_table(fidelity["grid"])),
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -156,10 +161,10 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
     written.append(draw(panels, directory / "robustness.png"))
     fidelity = result["fidelity"]
     if "skipped" not in fidelity:
-        panels = [
-            Panel(f"fidelity to {teacher} (held-out slides)", "on standardized targets",
-                  {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None) for name, metric in (("cosine", "cos"), ("R^2", "r2"))})
-            for teacher, by_dim in fidelity["recomputed"].items()
+        panels = [_fidelity_panel(f"fidelity to {teacher} (held-out slides)", "on standardized targets", by_dim) for teacher, by_dim in fidelity["recomputed"].items()]
+        panels += [
+            _fidelity_panel(f"grid fidelity to {teacher} (held-out slides)", "per grid cell, on standardized grids", by_dim)
+            for teacher, by_dim in fidelity.get("grid", {}).get("recomputed", {}).items()
         ]
         written.append(draw(panels, directory / "fidelity.png"))
     return written
@@ -215,6 +220,11 @@ def _probe_cell(scores: dict) -> str:
     cell = f"{accuracy['mean']:.3f}" + (f" ± {accuracy['std']:.3f}" if scores["runs"] > 1 else "")
     cell += f" / {scores['macro_f1']['mean']:.3f}"
     return cell + (f" / {scores['auroc']['mean']:.3f}" if scores["auroc"] else "")
+
+
+def _fidelity_panel(title: str, ylabel: str, by_dim: dict[str, dict[str, float]]) -> Panel:
+    """Cosine and R^2 against the student's dim."""
+    return Panel(title, ylabel, {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None) for name, metric in (("cosine", "cos"), ("R^2", "r2"))})
 
 
 def _run_cell(run: dict, teacher: str, dim: str) -> str:
