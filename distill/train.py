@@ -3,14 +3,14 @@
 run_distill reads top to bottom like nanoGPT's train.py: open and check the stores, split slides,
 fit one target standardizer per teacher, build student + nested heads + AdamW, then per step: the
 learning rate from the schedule, `accumulation` micro-batches forward and backward, gradient
-clipping, an AdamW step; validation on held-out slides every eval_every steps, a checkpoint every
+clipping (the pre-clip norm is logged), an AdamW step, the EMA update (distill.ema); validation on held-out slides every eval_every steps, a checkpoint every
 checkpoint_every steps; at the end export, plots and report.
 
 Several GPUs of one node: run the same code under torchrun. Each rank reads only its own pools of
 the epoch (BlockShuffleLoader) in batches of batch_size / world size, so the global batch stays
 batch_size; DDP averages the gradients, and rank 0 alone validates and writes files.
 
-The loop never waits on the device for a number: each step's losses stay on the device and are read
+The loop never waits on the device for a number: each step's losses and gradient norm stay on the device and are read
 (one host sync, one all-reduce) every log_every steps and at validation and checkpoint steps.
 """
 
@@ -38,11 +38,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
+from distill.ema import EMA
 from distill.export import export_student
+from distill.koleo import nested_koleo
 from distill.losses import Parts, nested_distill_loss
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
-from distill.train_log import MetricsLog, describe_changes, plot_metrics, write_report
+from distill.train_log import MetricsLog, describe_changes, grad_norm_summary, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.console import console, progress_bar
 from pipeline.files import write_text_atomically
@@ -58,12 +60,12 @@ SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the r
 # The distill settings a resumed run may change without being told to: how long it runs, how often it
 # validates and saves, how many threads read ahead, and where its runs are (`runs`: the checkpoint's data
 # identity, every run's tile store id, must still match). None changes what a step computes, except that a
-# new `steps` re-times the cosine decay from the resumed step on. Any other change (lr, warmup, batch
+# new `steps` re-times the cosine decay from the resumed step on (export_ema changes only which weights are exported). Any other change (lr, warmup, batch
 # size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
 # was trained differently from what the config now says: it is refused, naming each difference, unless
 # accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
-CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs"})
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs", "export_ema"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class World:
 class Distiller(nn.Module):
     """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
     into the student's pixels and standardized targets; `forward` returns the loss, so DDP sees every
-    trained parameter used inside forward."""
+    trained parameter used inside forward, with what is logged of it: the distillation parts per
+    (teacher, m) and the other terms' unweighted values by name (e.g. "koleo")."""
 
     def __init__(
         self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer], settings: DistillConfig,
@@ -114,6 +117,7 @@ class Distiller(nn.Module):
         self.loss_weights = dict(
             teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
         )
+        self.koleo_weight = settings.koleo_weight
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
@@ -121,8 +125,14 @@ class Distiller(nn.Module):
         targets = {t: self.standardizers[t](to_device(y, device)) for t, y in batch.targets.items()}
         return images, targets
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts]:
-        return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+        z = self.student(images)
+        loss, parts = nested_distill_loss(z, self.heads, targets, **self.loss_weights)
+        terms = {}
+        if self.koleo_weight:
+            terms["koleo"] = nested_koleo(z, self.heads.nested_dims)
+            loss = loss + self.koleo_weight * terms["koleo"]
+        return loss, parts, {name: value.detach() for name, value in terms.items()}
 
 
 def to_device(values: np.ndarray, device: torch.device) -> Tensor:
@@ -169,7 +179,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
 
     seed_everything(settings.seed)
     student = build_student(settings, data.tile_px)
-    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads, settings.head)
     if checkpoint:
         standardizers = {t: Standardizer.from_state(state) for t, state in checkpoint["standardizers"].items()}
     else:
@@ -191,6 +201,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         step = checkpoint["step"]
         if world.is_main:
             console.print(f"resuming {out_dir} from {found.name} (step {step} of {settings.steps})")
+    ema = EMA(model, settings.ema) if settings.ema else None
+    if ema and checkpoint and "ema" in checkpoint:  # a checkpoint saved without EMA starts it from the resumed weights
+        ema.load_state_dict(checkpoint["ema"])
     # The buffers (standardizers) are equal on every rank and never change: no need to sync them every step.
     training = DistributedDataParallel(model, forward_sync_buffers=False) if world.size > 1 else model
     log = MetricsLog(out_dir / "metrics.jsonl", keep_through=step if checkpoint else -1) if world.is_main else None
@@ -200,10 +213,13 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
 
     def evaluate() -> None:
         scores, rows = validate(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
-        log.append({"kind": "eval", "step": step, "rows": rows, "val": scores})
+        record = {"kind": "eval", "step": step, "rows": rows, "val": scores}
+        if ema:
+            record["ema"], _ = validate(ema.model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
+        log.append(record)
 
     first_step, loop_started = step, time.perf_counter()
-    unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, losses on the device) not yet logged
+    unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, [grad norm, loss, terms, parts] on the device) not yet logged
     stretch_started = loop_started
     with progress_bar() if world.is_main else nullcontext() as bar, closing(iter(loader)) as batches:
         task = bar.add_task("distill", total=settings.steps, completed=step, rate="") if bar else None
@@ -213,18 +229,20 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged = torch.zeros(1 + len(data.widths) * len(heads.nested_dims), device=world.device)
+            logged = 0
             slides = []
             for micro in range(settings.accumulation):
                 last = micro == settings.accumulation - 1
                 batch = next(batches)
                 slides.append(batch.slides)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
-                    loss, parts = forward_backward(training, model, batch, settings)
-                logged += torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
-            optimizer_step(model, optimizer, settings)
+                    loss, parts, terms = forward_backward(training, model, batch, settings)
+                logged = logged + torch.stack([loss, *terms.values(), *(part["loss"] for part in parts.values())]).float() / settings.accumulation
+            grad_norm = optimizer_step(model, optimizer, settings)
+            if ema:
+                ema.update(model)
             step += 1
-            unread.append((step, lr, len(np.unique(np.concatenate(slides))), logged))
+            unread.append((step, lr, len(np.unique(np.concatenate(slides))), torch.cat([grad_norm.float().reshape(1), logged])))
             validating = bool(data.split.val) and (step % settings.eval_every == 0 or step == settings.steps)
             saving = step % settings.checkpoint_every == 0 or step == settings.steps
             if bar:
@@ -234,19 +252,19 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             values = world.mean(torch.stack([losses for *_, losses in unread])).tolist()  # the one host sync
             samples_per_s = len(unread) * settings.batch_size * settings.accumulation / (time.perf_counter() - stretch_started)
             if world.is_main:
-                for (logged_step, logged_lr, distinct, _), (total, *by_dim) in zip(unread, values):
+                for (logged_step, logged_lr, distinct, _), (norm, total, *rest) in zip(unread, values):
                     loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
-                    for (teacher, m), value in zip(parts, by_dim):
+                    for (teacher, m), value in zip(parts, rest[len(terms):]):
                         loss_by_dim[teacher][str(m)] = value
                     log.append({
                         "kind": "train", "step": logged_step, "loss": total, "lr": logged_lr, "samples_per_s": samples_per_s,
-                        "slides": distinct, "loss_by_dim": loss_by_dim,
+                        "slides": distinct, "loss_by_dim": loss_by_dim, "grad_norm": norm, **dict(zip(terms, rest)),
                     })
-                bar.update(task, rate=f"loss {values[-1][0]:.4f}, {samples_per_s:.0f} samples/s")
+                bar.update(task, rate=f"loss {values[-1][1]:.4f}, {samples_per_s:.0f} samples/s")
                 if validating:
                     evaluate()
                 if saving:
-                    save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history))
+                    save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history, ema))
             unread, stretch_started = [], time.perf_counter()
     trained_seconds = time.perf_counter() - loop_started
     world.close()
@@ -254,14 +272,16 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         return {}
 
     records = log.read()
-    final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
-    export_student(student, out_dir, export_meta(data, settings, history, final_val), standardizers, heads)
+    last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), {})
+    exported, weights = (ema.model, "ema") if settings.export_ema else (model, "trained")
+    final_val = last_eval.get("ema" if settings.export_ema else "val", {})  # the exported weights' scores
+    export_student(exported.student, out_dir, export_meta(data, settings, history, final_val, weights), standardizers, exported.heads)
     speed = {
         **measure_speeds(model, training_loader(data, settings, World(0, 1, world.device)), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
         "loader_workers": settings.loader_workers,
     }
-    plot_metrics(records, out_dir / "plots")
+    plot_metrics(records, out_dir / "plots", settings.grad_clip)
     summary = {
         "student_dir": str(out_dir),
         "student": {
@@ -285,6 +305,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "steps": step,
         "resumed_from": first_step,
         "final_val": final_val,
+        "exported_weights": weights,
+        "final_val_by_weights": {name: last_eval[key] for name, key in (("trained", "val"), ("ema", "ema")) if key in last_eval},
+        "grad_norm": grad_norm_summary(records, settings.grad_clip),
         "speed": speed,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -373,47 +396,58 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
-    """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
+def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+    """Loss of one micro-batch (with Distiller.forward's parts and terms), its gradient added (scaled for
+    accumulation); `training` is `model` or its DDP wrapper."""
     images, targets = model.inputs(batch)
     with autocast(images.device.type, settings.precision):
-        loss, parts = training(images, targets)
+        loss, parts, terms = training(images, targets)
     (loss / settings.accumulation).backward()
-    return loss.detach(), parts
+    return loss.detach(), parts, terms
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DistillConfig) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DistillConfig) -> Tensor:
+    """Clip the gradient to norm grad_clip, step, clear; returns the norm before clipping, on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()
 
 
 @torch.no_grad()
 def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple[dict, int]:
     """Per teacher and nested dim, between each head's output and the standardized target (the space
     the loss works in): the mean cosine over rows, and R^2 = 1 - SSE / SST summed over all dims, SST
-    around the validation mean. Returns ({teacher: {m: {"cos", "r2"}}}, rows)."""
+    around the validation mean; and in the teacher's own space, `cos_raw`, the mean cosine between the
+    inverse-standardized output and the stored target. Returns ({teacher: {m: {"cos", "cos_raw", "r2"}}},
+    rows), a row counted once per view it is shown in."""
+    was_training = model.training
     model.eval()
-    cosine, squared_error, target_sum, target_square_sum = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
+    cosine, raw_cosine, squared_error = defaultdict(float), defaultdict(float), defaultdict(float)
+    target_sum, target_square_sum = defaultdict(float), defaultdict(float)
     rows = 0
     for batch in batches:
         images, targets = model.inputs(batch)
         with autocast(images.device.type, precision):
             predictions = model.heads(model.student(images))
         for (teacher, m), prediction in predictions.items():
+            raw_prediction = model.standardizers[teacher].inverse(prediction.float()).double()
+            raw_target = to_device(batch.targets[teacher], images.device).double()
             prediction, target = prediction.double(), targets[teacher].double()
             cosine[teacher, m] += F.cosine_similarity(prediction, target, dim=-1).sum()
+            raw_cosine[teacher, m] += F.cosine_similarity(raw_prediction, raw_target, dim=-1).sum()
             squared_error[teacher, m] += (prediction - target).square().sum()
         for teacher, target in targets.items():
             target_sum[teacher] += target.double().sum(0)
             target_square_sum[teacher] += target.double().square().sum(0)
         rows += len(batch)
-    model.train()
+    model.train(was_training)
     total_squares = {t: (target_square_sum[t] - target_sum[t].square() / rows).sum() for t in target_sum}
     scores: dict[str, dict[str, dict[str, float]]] = {t: {} for t in target_sum}
     for (teacher, m), cosine_sum in cosine.items():
         scores[teacher][str(m)] = {
             "cos": (cosine_sum / rows).item(),
+            "cos_raw": (raw_cosine[teacher, m] / rows).item(),
             "r2": (1 - squared_error[teacher, m] / total_squares[teacher]).item(),
         }
     return scores, rows
@@ -457,9 +491,11 @@ def settings_history(settings: DistillConfig, found: Path | None, checkpoint: di
 
 def checkpoint_state(
     step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData, history: list[dict],
+    ema: EMA | None = None,
 ) -> dict:
-    """Everything a resumed run continues from, and the settings history it was trained with."""
+    """Everything a resumed run continues from (the EMA's whole state too, when on), and the settings history it was trained with."""
     return {
+        **({"ema": ema.state_dict()} if ema else {}),
         "step": step,
         "student": model.student.state_dict(),
         "heads": model.heads.state_dict(),
@@ -472,8 +508,10 @@ def checkpoint_state(
     }
 
 
-def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict) -> dict:
+def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict, weights: str) -> dict:
+    """student.json's training record; `weights` says which were exported ("trained" or "ema") and `final_val` is theirs."""
     return {
+        "exported_weights": weights,
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
         "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.recipes},

@@ -3,8 +3,10 @@ teacher and nested dim: the run's own final validation (``final_val`` in student
 same measure re-computed here by the distiller's own code (``train.validate`` on the run's split,
 stores and settings), so that the two agree when the stores and student are the ones the run used.
 
-Both are measured where the loss works, on standardized targets: the mean cosine between a head's
-output and the target, and R^2 = 1 - SSE / SST summed over all dims.
+Both are measured over every view of the held-out rows, where the loss works, on standardized targets
+(the mean cosine between a head's output and the target, and R^2 = 1 - SSE / SST summed over all
+dims), and in the teacher's own space (`cos_raw`: the cosine between the inverse-standardized output
+and the stored target).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ RUN_KEYS = ("distill", "distilled_from", "split", "composition", "final_val")
 
 def fidelity(runs: list[Path] | None, student_dir: Path, rows: int | None) -> dict:
     """{"held_out_slides": [{"run", "id", "name", "rows"}], "rows", "run": final_val, "recomputed":
-    {teacher: {m: {"cos", "r2"}}}}, measured over the held-out slides of every run of the training set
+    {teacher: {m: {"cos", "cos_raw", "r2"}}}}, measured over the held-out slides of every run of the training set
     (`runs`, or none: the runs the student records); or {"skipped": reason} when the student or the
     runs' stores do not allow it."""
     _, record = read_student_json(student_dir)

@@ -64,7 +64,8 @@ def write_markdown(result: dict) -> str:
         lines.append(f"Not measured: {fidelity['skipped']}.")
     else:
         lines += [
-            f"Slides {held_out_text(fidelity['held_out_slides'])}, {fidelity['rows']} rows. Cells: cosine / R^2 on standardized "
+            f"Slides {held_out_text(fidelity['held_out_slides'])}, {fidelity['rows']} rows (each held-out row once per view). Cells: "
+            "cosine / cosine in the teacher's raw space (after the inverse standardizer) / R^2, cosine and R^2 on standardized "
             "targets, re-computed here (the run's own final validation in brackets).", "",
             *markdown_table(*fidelity_table(fidelity)),
         ]
@@ -122,7 +123,7 @@ def fidelity_table(fidelity: dict) -> tuple[list[str], list[list[str]]]:
     recomputed, run = fidelity["recomputed"], fidelity["run"]
     dims = list(next(iter(recomputed.values())))
     rows = [
-        [dim, *(f"{recomputed[t][dim]['cos']:.3f} / {recomputed[t][dim]['r2']:.3f} ({_run_cell(run, t, dim)})" for t in recomputed)]
+        [dim, *(f"{_fidelity_cell(recomputed[t][dim])} ({_fidelity_cell(run.get(t, {}).get(dim))})" for t in recomputed)]
         for dim in dims
     ]
     return ["dim", *recomputed], rows
@@ -157,8 +158,9 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
     fidelity = result["fidelity"]
     if "skipped" not in fidelity:
         panels = [
-            Panel(f"fidelity to {teacher} (held-out slides)", "on standardized targets",
-                  {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None) for name, metric in (("cosine", "cos"), ("R^2", "r2"))})
+            Panel(f"fidelity to {teacher} (held-out slides)", "cosine, R^2 (standardized), raw-space cosine",
+                  {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None)
+                   for name, metric in (("cosine", "cos"), ("cosine, raw space", "cos_raw"), ("R^2", "r2"))})
             for teacher, by_dim in fidelity["recomputed"].items()
         ]
         written.append(draw(panels, directory / "fidelity.png"))
@@ -217,9 +219,11 @@ def _probe_cell(scores: dict) -> str:
     return cell + (f" / {scores['auroc']['mean']:.3f}" if scores["auroc"] else "")
 
 
-def _run_cell(run: dict, teacher: str, dim: str) -> str:
-    scores = run.get(teacher, {}).get(dim)
-    return f"{scores['cos']:.3f} / {scores['r2']:.3f}" if scores else "-"
+def _fidelity_cell(scores: dict | None) -> str:
+    """cos / cos_raw / r2; "-" for what was not measured (a run validated before cos_raw existed has none)."""
+    if not scores:
+        return "-"
+    return " / ".join(f"{scores[key]:.3f}" if key in scores else "-" for key in ("cos", "cos_raw", "r2"))
 
 
 def _top_metric(metrics: dict) -> str:
