@@ -3,15 +3,17 @@
 run_distill reads top to bottom like nanoGPT's train.py: open and check the stores, split slides,
 fit one target standardizer per teacher, build student + nested heads + AdamW, then per step: the
 learning rate from the schedule, `accumulation` micro-batches forward and backward, gradient
-clipping (the pre-clip norm is logged), an AdamW step, the EMA update (distill.ema); validation on held-out slides every eval_every steps, a checkpoint every
-checkpoint_every steps; at the end export, plots and report.
+clipping (the pre-clip norm is logged), an AdamW step, the EMA update (distill.ema); validation on
+held-out slides every eval_every steps, a checkpoint every checkpoint_every steps; at the end export,
+plots and report.
 
 Several GPUs of one node: run the same code under torchrun. Each rank reads only its own pools of
 the epoch (BlockShuffleLoader) in batches of batch_size / world size, so the global batch stays
 batch_size; DDP averages the gradients, and rank 0 alone validates and writes files.
 
-The loop never waits on the device for a number: each step's losses and gradient norm stay on the device and are read
-(one host sync, one all-reduce) every log_every steps and at validation and checkpoint steps.
+The loop never waits on the device for a number: each step's losses and gradient norm stay on the
+device and are read (one host sync, one all-reduce) every log_every steps and at validation and
+checkpoint steps.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the r
 # The distill settings a resumed run may change without being told to: how long it runs, how often it
 # validates and saves, how many threads read ahead, and where its runs are (`runs`: the checkpoint's data
 # identity, every run's tile store id, must still match). None changes what a step computes, except that a
-# new `steps` re-times the cosine decay from the resumed step on (export_ema changes only which weights are exported). Any other change (lr, warmup, batch
-# size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
-# was trained differently from what the config now says: it is refused, naming each difference, unless
-# accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
+# new `steps` re-times the cosine decay from the resumed step on (and export_ema changes only which
+# weights are exported at the end). Any other change (lr, warmup, batch size, accumulation, seed, loss
+# weights, student, dims, teachers, recipes, ...) means the checkpoint was trained differently from
+# what the config now says: it is refused, naming each difference, unless accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
 CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs", "export_ema"})
 
