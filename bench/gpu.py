@@ -157,7 +157,7 @@ def student_rows(run: Config, label: str, arch: str, compiled: bool) -> list[Row
     )
     data = open_distill_data([run.run.resolve()], settings)
     student = build_student(settings, data.tile_px)
-    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads, settings.head)
     standardizers = {t: fit_standardizer(target_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize) for t in data.targets}
     model = Distiller(student, heads, standardizers, settings).to("cuda")
     if compiled:

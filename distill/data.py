@@ -326,16 +326,18 @@ class Rows:
         )
 
 
-def read_rows(data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: np.random.Generator | None, buffers: PoolBuffers) -> Rows:
+def read_rows(
+    data: DistillData, chunks: Sequence[int], keep: np.ndarray, rng: np.random.Generator | None, buffers: PoolBuffers, view: int = 0,
+) -> Rows:
     """The `keep` rows of whole chunks, read into `buffers`, each shown with a view: drawn from `rng`, or
-    the first view when `rng` is None. With an rng the rows are also shuffled (by the same rng).
+    view number `view` when `rng` is None. With an rng the rows are also shuffled (by the same rng).
 
     Host copies per tile: the codec decodes a chunk, Zarr copies it into the reused pool buffer, and
     the view is applied while copying the tile from there into the pool's output, in shuffled order."""
     stored_rows = buffers.read(data.locate(chunks))
     kept = np.flatnonzero(keep[stored_rows])
     order = rng.permutation(len(kept)) if rng is not None else np.arange(len(kept))
-    views = rng.integers(len(data.views), size=len(kept)) if rng is not None else np.zeros(len(kept), np.int64)
+    views = rng.integers(len(data.views), size=len(kept)) if rng is not None else np.full(len(kept), view, np.int64)
     picked = kept[order]  # positions in the buffers, in the order shown
     targets, grids = {}, {}
     for teacher, values in buffers.targets.items():
@@ -489,8 +491,10 @@ class BlockShuffleLoader:
 
 
 def validation_batches(data: DistillData, batch_size: int, max_rows: int | None) -> Iterator[Rows]:
-    """The validation slides' readable rows in store order, first view, in batches; at most `max_rows`
-    of them, taken from evenly spaced chunks so every validation slide is represented."""
+    """The validation slides' readable rows in store order, each shown in every view of the stores (a
+    chunk's rows in view 0, then in view 1, ...), in batches; at most `max_rows` rows (so at most
+    `max_rows` times the views samples), taken from evenly spaced chunks so every validation slide is
+    represented."""
     keep = data.rows_of(data.split.val)
     chunks = np.flatnonzero(rows_per_chunk(keep, data.chunk_rows))
     if max_rows is not None and keep.sum() > max_rows:
@@ -500,9 +504,10 @@ def validation_batches(data: DistillData, batch_size: int, max_rows: int | None)
     buffers = PoolBuffers.like(data.sources[0], chunks_per_read * data.chunk_rows)
     remaining = max_rows if max_rows is not None else int(keep.sum())
     for first in range(0, len(chunks), chunks_per_read):
-        rows = read_rows(data, chunks[first : first + chunks_per_read], keep, None, buffers)[:remaining]
+        for view in range(len(data.views)):  # the chunks read again per view, into the same buffers
+            rows = read_rows(data, chunks[first : first + chunks_per_read], keep, None, buffers, view)[:remaining]
+            for start in range(0, len(rows), batch_size):
+                yield rows[start : start + batch_size]
         remaining -= len(rows)
-        for start in range(0, len(rows), batch_size):
-            yield rows[start : start + batch_size]
         if remaining <= 0:
             return

@@ -10,8 +10,11 @@ RUN/student/
                        its "pathdistill" entry records the nested dims, width, target mpp and
                        the composition of the training set (each run's path, stores, slides, rows)
   student.json         pathdistill.student/1: arch, timm_kwargs, width D, nested_dims M, input px,
-                       target mpp, input mean/std, teachers (target width, standardizer kind), heads,
-                       and from training the split and composition (distill/cohort.py)
+                       target mpp, input mean/std, teachers (target width, standardizer kind), heads
+                       (kind, hidden width per teacher, tied; a student exported before head kinds
+                       existed records one hidden int and no kind, and loads as MLP heads), and from
+                       training the split and composition (distill/cohort.py) and which weights were
+                       exported (trained or EMA)
   heads.safetensors    heads and standardizers: to continue training, or to emulate the teachers
                        (``load_emulator(path).emulate(x, teacher, dim)``) from the student alone;
                        with spatial distillation also the spatial heads and grid standardizers
@@ -76,12 +79,12 @@ def export_student(
         "mean": list(student.mean),
         "std": list(student.std),
         "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in standardizers.items()},
-        "heads": {"hidden": heads.hidden, "tied": heads.tied},
+        "heads": heads.record(),
     }
     if spatial is not None:
         record["grid"] = {
             "k": spatial.k, "teachers": {name: {"width": s.width, "standardizer": s.kind} for name, s in spatial.standardizers.items()},
-            "heads": {"hidden": spatial.heads.hidden, "tied": spatial.heads.tied},
+            "heads": spatial.heads.record(),
         }
     clashing = sorted(set(meta) & set(record))
     if clashing:

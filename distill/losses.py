@@ -1,9 +1,13 @@
-"""The nested multi-teacher distillation loss (AM-RADIO's cosine + smooth-L1, summed over MRL's dims):
+"""The nested multi-teacher distillation loss (AM-RADIO's cosine + smooth-L1 over MRL's dims), the
+weighted mean over (teacher, nested dim):
 
-    L = sum_t w_t sum_m c_m [alpha (1 - cos(h_tm(z[:m]), y_t)) + beta smooth_l1(h_tm(z[:m]), y_t)]
+    L_tm = alpha (1 - cos(h_tm(z[:m]), y_t)) + beta smooth_l1(h_tm(z[:m]), y_t)
+    L = sum_t sum_m w_t c_m L_tm / sum_t sum_m w_t c_m
 
-with y_t the standardized target of teacher t; batch means inside, sums over t and m as in MRL.
-spatial_distill_loss is the same loss per grid cell of the spatial targets (docs/design.md, Student).
+with y_t the standardized target of teacher t and batch means inside. MRL sums over m; the mean keeps
+the loss (and its gradient, which distill.grad_clip bounds) on one scale however many teachers and
+dims there are, and changes nothing else: the weights' ratios are the same. spatial_distill_loss is
+the same loss per grid cell of the spatial targets (docs/design.md, Student).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def nested_distill_loss(
     alpha: float = 0.9,
     beta: float = 0.1,
 ) -> tuple[Tensor, Parts]:
-    """Total loss and, per (teacher, m), detached "cos" (mean cosine similarity), "smooth_l1" and
+    """Total loss (the weighted mean of the parts' "loss") and, per (teacher, m), detached "cos" (mean cosine similarity), "smooth_l1" and
     "loss" (unweighted by w_t, c_m) for logging; kept as tensors so logging does not sync every step.
     Missing weights default to 1."""
     teacher_weights = teacher_weights or {}
@@ -41,15 +45,19 @@ def nested_distill_loss(
             f"this student has teachers {sorted(targets)} and nested dims {heads.nested_dims}"
         )
     total = z.new_zeros((), dtype=torch.float32)
+    weight_sum = 0.0
     parts: Parts = {}
     for (teacher, m), prediction in heads(z).items():
         prediction, target = prediction.float(), targets[teacher].float()  # loss in fp32 under autocast too
         cos = F.cosine_similarity(prediction, target, dim=-1).mean()
         smooth_l1 = F.smooth_l1_loss(prediction, target)
         loss = alpha * (1 - cos) + beta * smooth_l1
-        total = total + teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0) * loss
+        weight = teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0)
+        total, weight_sum = total + weight * loss, weight_sum + weight
         parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
-    return total, parts
+    if weight_sum <= 0:
+        raise ValueError(f"the teacher weights {dict(teacher_weights)} and dim weights {dict(dim_weights)} leave nothing to train: give one a positive weight")
+    return total / weight_sum, parts
 
 
 def spatial_distill_loss(

@@ -53,14 +53,14 @@ class SpatialHeads(nn.Module):
     def state(self) -> dict:
         """What a checkpoint keeps to rebuild these heads exactly (see from_state)."""
         return {
-            "k": self.k, "hidden": self.heads.hidden, "tied": self.heads.tied, "nested_dims": self.heads.nested_dims,
+            "k": self.k, "heads_record": self.heads.record(), "nested_dims": self.heads.nested_dims,
             "heads": self.heads.state_dict(), "standardizers": {t: s.state_dict() for t, s in self.standardizers.items()},
         }
 
     @classmethod
     def from_state(cls, state: dict) -> SpatialHeads:
         standardizers = {t: Standardizer.from_state(s) for t, s in state["standardizers"].items()}
-        heads = NestedHeads({t: s.width for t, s in standardizers.items()}, state["nested_dims"], state["hidden"], state["tied"])
+        heads = NestedHeads({t: s.width for t, s in standardizers.items()}, state["nested_dims"], **state["heads_record"])
         heads.load_state_dict(state["heads"])
         return cls(state["k"], heads, standardizers)
 

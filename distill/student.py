@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -173,30 +173,56 @@ class PrefixMLP(nn.Module):
         return self.fc2(F.gelu(x))
 
 
+class PrefixLinear(nn.Linear):
+    """One Linear (LitePath's linear projector) applied to x [B, m] for any m <= in_features, with its
+    first m input weights, so that tied heads work as PrefixMLP's do."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight[:, : x.shape[-1]], self.bias)
+
+
+HeadKind = Literal["mlp", "linear"]
+
+
 class NestedHeads(nn.Module):
     """A head per teacher and nested dim m mapping z[:m] to the teacher's standardized target; with
     `tied`, one head per teacher shared by every m (MRL-E), which cuts head parameters about |M|-fold.
-    z may carry leading dims: the spatial heads map grid cell tokens [B, k*k, D] cell by cell."""
+    z may carry leading dims: the spatial heads map grid cell tokens [B, k*k, D] cell by cell.
+
+    `kind` "mlp" (PrefixMLP) or "linear" (PrefixLinear). An MLP head's predictions lie in an affine
+    subspace of its hidden width, so `hidden` None gives each teacher's head its target's width (an int
+    gives every head that width, a mapping one per teacher, as student.json records it)."""
 
     def __init__(
-        self, teacher_widths: Mapping[str, int], nested_dims: Sequence[int], hidden: int, tied: bool = False
+        self, teacher_widths: Mapping[str, int], nested_dims: Sequence[int], hidden: int | Mapping[str, int] | None = None,
+        tied: bool = False, kind: HeadKind = "mlp",
     ):
         super().__init__()
         self.teacher_widths = dict(teacher_widths)
         self.nested_dims = list(nested_dims)
-        self.hidden = hidden
         self.tied = tied
+        self.kind = kind
+        self.hidden = resolve_hidden(kind, hidden, self.teacher_widths)
+
+        def make(in_width: int, teacher: str) -> nn.Module:
+            width = self.teacher_widths[teacher]
+            return PrefixLinear(in_width, width) if kind == "linear" else PrefixMLP(in_width, self.hidden[teacher], width)
+
         self.heads = nn.ModuleDict(
             {
-                teacher: PrefixMLP(max(nested_dims), hidden, width)
+                teacher: make(max(nested_dims), teacher)
                 if tied
-                else nn.ModuleDict({str(m): PrefixMLP(m, hidden, width) for m in nested_dims})
-                for teacher, width in teacher_widths.items()
+                else nn.ModuleDict({str(m): make(m, teacher) for m in nested_dims})
+                for teacher in self.teacher_widths
             }
         )
 
-    def head(self, teacher: str, m: int) -> PrefixMLP:
+    def head(self, teacher: str, m: int) -> nn.Module:
         return self.heads[teacher] if self.tied else self.heads[teacher][str(m)]
+
+    def record(self) -> dict[str, Any]:
+        """What student.json keeps to rebuild these heads: NestedHeads(widths, dims, **record)."""
+        return {"kind": self.kind, "hidden": self.hidden, "tied": self.tied}
 
     def forward(self, z: Tensor) -> dict[tuple[str, int], Tensor]:
         """Predictions [..., teacher width] keyed by (teacher, m)."""
@@ -205,3 +231,20 @@ class NestedHeads(nn.Module):
             for teacher in self.teacher_widths
             for m in self.nested_dims
         }
+
+
+def resolve_hidden(kind: HeadKind, hidden: int | Mapping[str, int] | None, teacher_widths: Mapping[str, int]) -> dict[str, int] | None:
+    """Each teacher's MLP hidden width (None for linear heads, which have none)."""
+    if kind not in ("mlp", "linear"):
+        raise ValueError(f"unknown head kind {kind!r}: use 'mlp' or 'linear'")
+    if kind == "linear":
+        if hidden is not None:
+            raise ValueError(f"linear heads have no hidden layer, but hidden={hidden} was given")
+        return None
+    if hidden is None:
+        return dict(teacher_widths)
+    if isinstance(hidden, int):
+        return {teacher: hidden for teacher in teacher_widths}
+    if set(hidden) != set(teacher_widths):
+        raise ValueError(f"hidden widths are for teachers {sorted(hidden)}, the heads for {sorted(teacher_widths)}")
+    return {teacher: int(hidden[teacher]) for teacher in teacher_widths}

@@ -3,15 +3,17 @@
 run_distill reads top to bottom like nanoGPT's train.py: open and check the stores, split slides,
 fit one target standardizer per teacher, build student + nested heads + AdamW, then per step: the
 learning rate from the schedule, `accumulation` micro-batches forward and backward, gradient
-clipping, an AdamW step; validation on held-out slides every eval_every steps, a checkpoint every
-checkpoint_every steps; at the end export, plots and report.
+clipping (the pre-clip norm is logged), an AdamW step, the EMA update (distill.ema); validation on
+held-out slides every eval_every steps, a checkpoint every checkpoint_every steps; at the end export,
+plots and report.
 
 Several GPUs of one node: run the same code under torchrun. Each rank reads only its own pools of
 the epoch (BlockShuffleLoader) in batches of batch_size / world size, so the global batch stays
 batch_size; DDP averages the gradients, and rank 0 alone validates and writes files.
 
-The loop never waits on the device for a number: each step's losses stay on the device and are read
-(one host sync, one all-reduce) every log_every steps and at validation and checkpoint steps.
+The loop never waits on the device for a number: each step's losses and gradient norm stay on the
+device and are read (one host sync, one all-reduce) every log_every steps and at validation and
+checkpoint steps.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
+from distill.ema import EMA
 from distill.export import export_student
+from distill.koleo import nested_koleo
 from distill.losses import Parts, nested_distill_loss, spatial_distill_loss
 from distill.scores import HeldOutScores
 from distill.spatial import SpatialHeads, draw_masked_cells, grid_sample, validate_grid
 from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads, Student
-from distill.train_log import MetricsLog, describe_changes, plot_metrics, write_report
+from distill.train_log import MetricsLog, describe_changes, grad_norm_summary, plot_metrics, write_report
 from pipeline.config import Config, ConfigError, DistillConfig
 from pipeline.console import console, progress_bar
 from pipeline.files import write_text_atomically
@@ -58,12 +62,12 @@ SPEED_STEPS = 5  # training steps timed alone, on one in-memory batch, for the r
 # The distill settings a resumed run may change without being told to: how long it runs, how often it
 # validates and saves, how many threads read ahead, and where its runs are (`runs`: the checkpoint's data
 # identity, every run's tile store id, must still match). None changes what a step computes, except that a
-# new `steps` re-times the cosine decay from the resumed step on. Any other change (lr, warmup, batch
-# size, accumulation, seed, loss weights, student, dims, teachers, recipes, ...) means the checkpoint
-# was trained differently from what the config now says: it is refused, naming each difference, unless
-# accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
+# new `steps` re-times the cosine decay from the resumed step on (and export_ema changes only which
+# weights are exported at the end). Any other change (lr, warmup, batch size, accumulation, seed, loss
+# weights, student, dims, teachers, recipes, ...) means the checkpoint was trained differently from
+# what the config now says: it is refused, naming each difference, unless accepted with --resume-with-changes. Every change, allowed or accepted, is kept in the run's settings
 # history (checkpoints, summary.json, report.md, student.json) from the step it took effect.
-CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs"})
+CHANGEABLE_ON_RESUME = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "loader_workers", "runs", "export_ema"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ class World:
 class Distiller(nn.Module):
     """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
     into the student's pixels and standardized targets (`grid_targets`: grids); `forward` returns the
-    loss, so DDP sees every trained parameter used inside forward.
+    loss, so DDP sees every trained parameter used inside forward, with what is logged of it: the
+    distillation parts per (teacher, m) and the other terms' unweighted values by name (e.g. "koleo").
 
     With `spatial` heads the loss adds distill.spatial_weight x the spatial term and, when
     distill.mask_ratio > 0, distill.masked_weight x the masked-cell term, on a second forward of the
@@ -121,6 +126,7 @@ class Distiller(nn.Module):
             teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
         )
         self.spatial_weight, self.mask_ratio, self.masked_weight = settings.spatial_weight, settings.mask_ratio, settings.masked_weight
+        self.koleo_weight = settings.koleo_weight
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
@@ -135,15 +141,15 @@ class Distiller(nn.Module):
         device = next(self.parameters()).device
         return self.spatial.targets({t: to_device(grid, device) for t, grid in batch.grids.items()})
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor], grids: dict[str, Tensor] | None = None) -> tuple[Tensor, Parts]:
-        if self.spatial is None:
-            return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
-        z, tokens = self.student.forward_tokens(images)
+    def forward(self, images: Tensor, targets: dict[str, Tensor], grids: dict[str, Tensor] | None = None) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+        z, tokens = self.student.forward_tokens(images) if self.spatial is not None else (self.student(images), None)
         loss, parts = nested_distill_loss(z, self.heads, targets, **self.loss_weights)
-        spatial, spatial_parts = spatial_distill_loss(self.spatial.cells(tokens), self.spatial.heads, grids, **self.loss_weights)
-        loss = loss + self.spatial_weight * spatial
-        parts.update({("grid", *key): part for key, part in spatial_parts.items()})
-        if self.mask_ratio > 0:
+        terms = {}
+        if self.spatial is not None:
+            spatial, spatial_parts = spatial_distill_loss(self.spatial.cells(tokens), self.spatial.heads, grids, **self.loss_weights)
+            loss = loss + self.spatial_weight * spatial
+            parts.update({("grid", *key): part for key, part in spatial_parts.items()})
+        if self.spatial is not None and self.mask_ratio > 0:
             masked_cells = draw_masked_cells(len(images), self.spatial.k, self.mask_ratio, images.device)
             _, masked_tokens = self.student.forward_tokens(images, masked_cells)
             masked, masked_parts = spatial_distill_loss(
@@ -151,7 +157,10 @@ class Distiller(nn.Module):
             )
             loss = loss + self.masked_weight * masked
             parts.update({("masked", *key): part for key, part in masked_parts.items()})
-        return loss, parts
+        if self.koleo_weight:
+            terms["koleo"] = nested_koleo(z, self.heads.nested_dims)
+            loss = loss + self.koleo_weight * terms["koleo"]
+        return loss, parts, {name: value.detach() for name, value in terms.items()}
 
 
 def to_device(values: np.ndarray, device: torch.device) -> Tensor:
@@ -200,7 +209,7 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
 
     seed_everything(settings.seed)
     student = build_student(settings, data.tile_px)
-    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    heads = NestedHeads(data.widths, student.nested_dims, settings.head_hidden, settings.tied_heads, settings.head)
     if checkpoint:
         standardizers = {t: Standardizer.from_state(state) for t, state in checkpoint["standardizers"].items()}
     else:
@@ -223,6 +232,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         step = checkpoint["step"]
         if world.is_main:
             console.print(f"resuming {out_dir} from {found.name} (step {step} of {settings.steps})")
+    ema = EMA(model, settings.ema) if settings.ema else None
+    if ema and checkpoint and "ema" in checkpoint:  # a checkpoint saved without EMA starts it from the resumed weights
+        ema.load_state_dict(checkpoint["ema"])
     # The buffers (standardizers) are equal on every rank and never change: no need to sync them every step.
     training = DistributedDataParallel(model, forward_sync_buffers=False) if world.size > 1 else model
     log = MetricsLog(out_dir / "metrics.jsonl", keep_through=step if checkpoint else -1) if world.is_main else None
@@ -235,10 +247,12 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         record = {"kind": "eval", "step": step, "rows": rows, "val": scores}
         if spatial:
             record["grid_val"] = validate_grid(model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
+        if ema:
+            record["ema"], _ = validate(ema.model, validation_batches(data, settings.batch_size, settings.val_rows), settings.precision)
         log.append(record)
 
     first_step, loop_started = step, time.perf_counter()
-    unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, losses on the device) not yet logged
+    unread: list[tuple[int, float, int, Tensor]] = []  # (step, lr, distinct slides, [grad norm, loss, terms, parts] on the device) not yet logged
     stretch_started = loop_started
     with progress_bar() if world.is_main else nullcontext() as bar, closing(iter(loader)) as batches:
         task = bar.add_task("distill", total=settings.steps, completed=step, rate="") if bar else None
@@ -248,18 +262,20 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged = 0.0  # becomes [total, *part losses] of the step, averaged over its micro-batches
+            logged = 0.0  # becomes [total, *other terms, *part losses] of the step, averaged over its micro-batches
             slides = []
             for micro in range(settings.accumulation):
                 last = micro == settings.accumulation - 1
                 batch = next(batches)
                 slides.append(batch.slides)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
-                    loss, parts = forward_backward(training, model, batch, settings)
-                logged = logged + torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
-            optimizer_step(model, optimizer, settings)
+                    loss, parts, terms = forward_backward(training, model, batch, settings)
+                logged = logged + torch.stack([loss, *terms.values(), *(part["loss"] for part in parts.values())]).float() / settings.accumulation
+            grad_norm = optimizer_step(model, optimizer, settings)
+            if ema:
+                ema.update(model)
             step += 1
-            unread.append((step, lr, len(np.unique(np.concatenate(slides))), logged))
+            unread.append((step, lr, len(np.unique(np.concatenate(slides))), torch.cat([grad_norm.float().reshape(1), logged])))
             validating = bool(data.split.val) and (step % settings.eval_every == 0 or step == settings.steps)
             saving = step % settings.checkpoint_every == 0 or step == settings.steps
             if bar:
@@ -269,16 +285,16 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             values = world.mean(torch.stack([losses for *_, losses in unread])).tolist()  # the one host sync
             samples_per_s = len(unread) * settings.batch_size * settings.accumulation / (time.perf_counter() - stretch_started)
             if world.is_main:
-                for (logged_step, logged_lr, distinct, _), (total, *by_dim) in zip(unread, values):
+                for (logged_step, logged_lr, distinct, _), (norm, total, *rest) in zip(unread, values):
                     log.append({
                         "kind": "train", "step": logged_step, "loss": total, "lr": logged_lr, "samples_per_s": samples_per_s,
-                        "slides": distinct, **losses_by_term(parts, by_dim),
+                        "slides": distinct, **losses_by_term(parts, rest[len(terms):]), "grad_norm": norm, **dict(zip(terms, rest)),
                     })
-                bar.update(task, rate=f"loss {values[-1][0]:.4f}, {samples_per_s:.0f} samples/s")
+                bar.update(task, rate=f"loss {values[-1][1]:.4f}, {samples_per_s:.0f} samples/s")
                 if validating:
                     evaluate()
                 if saving:
-                    save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history))
+                    save_checkpoint(out_dir / "checkpoints", step, checkpoint_state(step, model, optimizer, loader, data, history, ema))
             unread, stretch_started = [], time.perf_counter()
     trained_seconds = time.perf_counter() - loop_started
     world.close()
@@ -286,15 +302,17 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         return {}
 
     records = log.read()
-    final_val = next((r["val"] for r in reversed(records) if r["kind"] == "eval"), {})
-    final_grid_val = next((r.get("grid_val", {}) for r in reversed(records) if r["kind"] == "eval"), {})
-    export_student(student, out_dir, export_meta(data, settings, history, final_val, final_grid_val), standardizers, heads, spatial)
+    last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), {})
+    exported, weights = (ema.model, "ema") if settings.export_ema else (model, "trained")
+    final_val = last_eval.get("ema" if settings.export_ema else "val", {})  # the exported weights' scores
+    final_grid_val = last_eval.get("grid_val", {})
+    export_student(exported.student, out_dir, export_meta(data, settings, history, final_val, final_grid_val, weights), standardizers, exported.heads, exported.spatial)
     speed = {
         **measure_speeds(model, training_loader(data, settings, World(0, 1, world.device)), settings),
         "training": (step - first_step) * settings.batch_size * settings.accumulation / trained_seconds if step > first_step else 0.0,
         "loader_workers": settings.loader_workers,
     }
-    plot_metrics(records, out_dir / "plots")
+    plot_metrics(records, out_dir / "plots", settings.grad_clip)
     summary = {
         "student_dir": str(out_dir),
         "student": {
@@ -319,6 +337,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
         "resumed_from": first_step,
         "final_val": final_val,
         "final_grid_val": final_grid_val,
+        "exported_weights": weights,
+        "final_val_by_weights": {name: last_eval[key] for name, key in (("trained", "val"), ("ema", "ema")) if key in last_eval},
+        "grad_norm": grad_norm_summary(records, settings.grad_clip),
         "speed": speed,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -380,7 +401,7 @@ def spatial_heads(data: DistillData, student: Student, settings: DistillConfig, 
         if spatial.k != data.grid or {t: s.width for t, s in spatial.standardizers.items()} != data.grid_widths:
             raise StoreError(f"the checkpoint's spatial heads are for a {spatial.k} x {spatial.k} grid, the feature stores hold {data.grid} x {data.grid}: move RUN/student away to start over")
         return spatial
-    heads = NestedHeads(data.grid_widths, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    heads = NestedHeads(data.grid_widths, student.nested_dims, settings.head_hidden, settings.tied_heads, settings.head)
     standardizers = {
         t: fit_standardizer(grid_sample(data, t, settings.standardize_sample, settings.seed), settings.standardize) for t in data.grid_widths
     }
@@ -457,35 +478,42 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
-    """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
+def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+    """Loss of one micro-batch (with Distiller.forward's parts and terms), its gradient added (scaled for
+    accumulation); `training` is `model` or its DDP wrapper."""
     images, targets = model.inputs(batch)
     grids = model.grid_targets(batch)
     with autocast(images.device.type, settings.precision):
-        loss, parts = training(images, targets, grids)
+        loss, parts, terms = training(images, targets, grids)
     (loss / settings.accumulation).backward()
-    return loss.detach(), parts
+    return loss.detach(), parts, terms
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DistillConfig) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, settings: DistillConfig) -> Tensor:
+    """Clip the gradient to norm grad_clip, step, clear; returns the norm before clipping, on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach()
 
 
 @torch.no_grad()
 def validate(model: Distiller, batches: Iterable[Rows], precision: str) -> tuple[dict, int]:
     """Per teacher and nested dim, between each head's output and the standardized target (the space
     the loss works in): the mean cosine over rows, and R^2 = 1 - SSE / SST summed over all dims, SST
-    around the validation mean (distill/scores.py). Returns ({teacher: {m: {"cos", "r2"}}}, rows)."""
+    around the validation mean (distill/scores.py); and in the teacher's own space, `cos_raw`, the mean
+    cosine between the inverse-standardized output and the stored target. Returns ({teacher: {m: {"cos",
+    "cos_raw", "r2"}}}, rows), a row counted once per view it is shown in."""
+    was_training = model.training
     model.eval()
     scores = HeldOutScores()
     for batch in batches:
         images, targets = model.inputs(batch)
         with autocast(images.device.type, precision):
             predictions = model.heads(model.student(images))
-        scores.add(predictions, targets)
-    model.train()
+        raw = {key: model.standardizers[key[0]].inverse(prediction.float()) for key, prediction in predictions.items()}
+        scores.add(predictions, targets, raw, {t: to_device(y, images.device) for t, y in batch.targets.items()})
+    model.train(was_training)
     return scores.result(), scores.samples
 
 
@@ -527,9 +555,11 @@ def settings_history(settings: DistillConfig, found: Path | None, checkpoint: di
 
 def checkpoint_state(
     step: int, model: Distiller, optimizer: torch.optim.Optimizer, loader: BlockShuffleLoader, data: DistillData, history: list[dict],
+    ema: EMA | None = None,
 ) -> dict:
-    """Everything a resumed run continues from, and the settings history it was trained with."""
+    """Everything a resumed run continues from (the EMA's whole state too, when on), and the settings history it was trained with."""
     return {
+        **({"ema": ema.state_dict()} if ema else {}),
         "step": step,
         "student": model.student.state_dict(),
         "heads": model.heads.state_dict(),
@@ -543,8 +573,10 @@ def checkpoint_state(
     }
 
 
-def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict, final_grid_val: dict) -> dict:
+def export_meta(data: DistillData, settings: DistillConfig, history: list[dict], final_val: dict, final_grid_val: dict, weights: str) -> dict:
+    """student.json's training record; `weights` says which were exported ("trained" or "ema") and `final_val` is theirs."""
     return {
+        "exported_weights": weights,
         "input_px": data.tile_px,
         "target_mpp": data.tiling.target_mpp,
         "distilled_from": {t: {"recipe": data.recipes[t], "spec": data.teacher_specs[t]} for t in data.recipes},

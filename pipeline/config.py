@@ -103,7 +103,8 @@ class DistillConfig(Strict):
     teachers: list[str] | None = Field(None, description="teachers to distil (default: every store in RUN/features)")
     recipes: dict[str, str] = Field(default_factory=dict, description="teacher -> recipe (default: the first recipe)")
     nested_dims: list[int] | None = Field(None, description="default: powers of two from 16 to D, plus D")
-    head_hidden: int = Field(512, gt=0)
+    head: Literal["mlp", "linear"] = Field("mlp", description="each (teacher, m) head: mlp (LayerNorm, Linear, GELU, Linear) or linear (one Linear, LitePath's projector)")
+    head_hidden: int | None = Field(None, gt=0, description="hidden width of the mlp heads (none: each teacher's target width, so a head's predictions are not confined to a narrower affine subspace)")
     tied_heads: bool = False
     teacher_weights: dict[str, float] = Field(default_factory=dict)
     dim_weights: dict[int, float] = Field(default_factory=dict)
@@ -112,6 +113,9 @@ class DistillConfig(Strict):
     spatial_weight: float = Field(0.0, ge=0, description="weight of the spatial (grid) loss beside the summary loss; 0: off (> 0 needs feature stores made with features.grid)")
     mask_ratio: float = Field(0.0, ge=0, lt=1, description="masked-token regression: share of grid cells whose patches the student sees masked; 0: off")
     masked_weight: float = Field(1.0, ge=0, description="weight of the masked-cell regression term (distill.mask_ratio > 0; needs a ViT student)")
+    koleo_weight: float = Field(0.0, ge=0, description="weight of the KoLeo regulariser on every prefix z[:m], beside the distillation loss (0: off; distill/koleo.py)")
+    ema: float | None = Field(None, gt=0, lt=1, description="decay of an exponential moving average of the student and heads, validated beside them and kept in checkpoints (none: off; e.g. 0.999)")
+    export_ema: bool = Field(False, description="export the EMA student and heads instead of the trained ones (needs ema)")
     standardize: Literal["phi-s", "zscore"] = "phi-s"
     standardize_sample: int = Field(4096, gt=1, description="rows sampled to fit the target standardizer")
     steps: int = Field(300, gt=0)
@@ -124,13 +128,21 @@ class DistillConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     val_slides: int = Field(1, ge=0, description="slides held out for validation")
-    val_rows: int | None = Field(2048, gt=0, description="validation rows evaluated, from evenly spaced chunks of the held-out slides (none: all)")
+    val_rows: int | None = Field(2048, gt=0, description="validation rows evaluated, each in every view of the stores, from evenly spaced chunks of the held-out slides (none: all)")
     eval_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0, description="steps between reads of the losses from the device (one host sync each); every step is still logged")
     pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together: more chunks, more slides per batch, more memory per reading thread")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
     compile: bool = Field(False, description="torch.compile the student (needs a C compiler for inductor; pays off on GPUs over long runs)")
+
+    @model_validator(mode="after")
+    def _head_and_ema_settings_agree(self) -> DistillConfig:
+        if self.head == "linear" and self.head_hidden is not None:
+            raise ValueError(f"head_hidden {self.head_hidden} is the hidden width of mlp heads; linear heads have none: remove head_hidden or set head: mlp")
+        if self.export_ema and self.ema is None:
+            raise ValueError("export_ema exports the EMA student, but ema is off: set distill.ema to a decay (e.g. 0.999) or export_ema: false")
+        return self
 
 
 class EvalDatasetConfig(Strict):

@@ -162,6 +162,22 @@ def test_each_sample_shows_the_view_its_targets_were_computed_on(tmp_path, he_pi
     assert (validation.views == 0).all() and validation.rows.min() >= 300
 
 
+def test_validation_shows_every_held_out_row_once_in_every_view(tmp_path, he_pixels):
+    written = make_run(tmp_path, he_pixels, views=["identity", "flip"])
+    data = open_distill_data([tmp_path], DistillConfig(**STUDENT))
+    batches = list(validation_batches(data, 16, None))
+    rows, views = np.concatenate([b.rows for b in batches]), np.concatenate([b.views for b in batches])
+    held_out = np.flatnonzero(data.rows_of(data.split.val))
+    assert len(rows) == 2 * len(held_out)  # each row counted twice, once per view
+    for view in (0, 1):
+        assert np.array_equal(np.sort(rows[views == view]), held_out)
+    for batch in batches:
+        assert np.array_equal(batch.targets["alpha"], written["targets"]["alpha"][batch.rows, batch.views])
+        assert np.array_equal(synthetic_teacher(batch.tiles, 0, 40).astype(np.float16), batch.targets["alpha"])
+    capped = np.concatenate([b.rows for b in validation_batches(data, 16, 40)])
+    assert 60 < len(capped) <= 80 and len(np.unique(capped)) == len(capped) // 2  # the cap counts rows, each shown twice
+
+
 def test_validation_reads_held_out_rows_once_and_respects_the_cap(data):
     every = np.concatenate([b.rows for b in validation_batches(data, 16, None)])
     assert np.array_equal(every, np.flatnonzero(data.rows_of(data.split.val)))  # row 330 is blank

@@ -16,15 +16,17 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import zarr
 
 from distill import load_student
 from distill.embed import embed_tile_store
 from distill.export import StudentError
 from distill.data import Rows
-from distill.standardize import Standardizer
+from distill.standardize import Standardizer, fit_standardizer
 from distill.student import NestedHeads
-from distill.train import Distiller, build_student, compile_student, forward_backward, learning_rate, load_optimizer_state, make_optimizer, optimizer_step, run_distill, seed_everything
+from distill.ema import EMA
+from distill.train import Distiller, build_student, compile_student, forward_backward, learning_rate, load_optimizer_state, make_optimizer, optimizer_step, run_distill, seed_everything, validate
 from distill_run import config_for, make_run, write_config
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.run_report import read_report
@@ -39,7 +41,7 @@ from distill.train import run_distill
 from pipeline.config import load_config
 run_distill(load_config(sys.argv[1]), resume=sys.argv[2:] == ["resume"])
 """
-TRAINING = dict(steps=60, batch_size=16, lr=2e-3, warmup_steps=10, eval_every=20, checkpoint_every=20, loader_workers=2, pool_chunks=4)
+TRAINING = dict(steps=60, batch_size=16, lr=2e-3, warmup_steps=10, eval_every=20, checkpoint_every=20, loader_workers=2, pool_chunks=4, ema=0.9)
 
 
 @pytest.fixture
@@ -91,6 +93,7 @@ def test_training_lowers_the_loss_and_raises_validation_cosine(trained):
             before, after = evals[0]["val"][teacher][m], evals[-1]["val"][teacher][m]
             assert after["cos"] > 0.45 and after["cos"] > before["cos"] + 0.3
             assert after["r2"] > 0.1 > before["r2"]
+            assert after["cos_raw"] > before["cos_raw"] and set(evals[-1]["ema"][teacher][m]) == {"cos", "cos_raw", "r2"}
     losses = [r["loss"] for r in records(run_dir, "train")]
     assert len(losses) == 60 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
     assert summary["final_val"] == evals[-1]["val"] and summary["rows"] == {"train": 297, "val": 83}
@@ -102,13 +105,16 @@ def test_the_run_records_split_plots_report_and_stage(trained):
     split = json.loads((student_dir / "split.json").read_text())
     assert [s["name"] for s in split["val"]] == ["slide-3"] and records(run_dir, "split")[0]["val"] == split["val"]
     train = records(run_dir, "train")[-1]
-    assert set(train) == {"kind", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim"}
+    assert set(train) == {"kind", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim", "grad_norm"}
     assert all(1 <= r["slides"] <= 3 for r in records(run_dir, "train"))  # the three training slides
     assert set(train["loss_by_dim"]["beta"]) == {"16", "64", "192"}
-    for plot in ("loss.png", "val_cosine.png"):
+    for plot in ("loss.png", "grad_norm.png", "val_cosine.png"):
         assert (student_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     report = (student_dir / "report.md").read_text()
     assert "| alpha | 0." in report and "loader alone" in report and "slide-3" in report
+    norms = [r["grad_norm"] for r in records(run_dir, "train")]
+    assert summary["grad_norm"]["max"] == max(norms) and summary["grad_norm"]["clipped_share"] == np.mean(np.array(norms) > 1.0)
+    assert "Pre-clip gradient norm over 60 steps" in report and "ema weights:" in report and "trained weights (exported):" in report
     mix = summary["loader"]["slides_per_batch"]
     assert mix["batches"] == 60 and 1 <= mix["min"] <= mix["mean"] <= 3 and "distinct slides per batch" in report
     stage = read_report(run_dir)[-1]
@@ -173,6 +179,8 @@ def test_a_killed_run_resumes_to_bitwise_identical_weights(trained, tmp_path, he
         expected, resumed = tensors(reference / "student" / name), tensors(run_dir / "student" / name)
         assert expected.keys() == resumed.keys()
         assert all(torch.equal(expected[key], resumed[key]) for key in expected), name
+    expected, resumed = (torch.load(run / "student" / "checkpoints" / "step-00000060.pt", weights_only=True)["ema"] for run in (reference, run_dir))
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[key], resumed[key]) for key in expected)  # the EMA too
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 61))
     assert [r["step"] for r in records(run_dir, "eval")] == [0, 20, 40, 60]
     assert read_report(run_dir)[-1]["resumed_from"] in (20, 40)
@@ -245,7 +253,7 @@ TINY = DistillConfig(
 def tiny_distiller(settings: DistillConfig) -> Distiller:
     seed_everything(0)
     student = build_student(settings, 32)
-    heads = NestedHeads({"alpha": 12}, student.nested_dims, settings.head_hidden, settings.tied_heads)
+    heads = NestedHeads({"alpha": 12}, student.nested_dims, settings.head_hidden, settings.tied_heads, settings.head)
     return Distiller(student, heads, {"alpha": Standardizer(torch.zeros(12), torch.ones(12))}, settings)
 
 
@@ -266,7 +274,7 @@ def test_a_compiled_student_takes_the_steps_of_the_eager_one(one_thread):
         optimizer = make_optimizer(model, TINY)
         losses = []
         for _ in range(3):
-            loss, _ = forward_backward(model, model, batch, TINY)
+            loss, _, _ = forward_backward(model, model, batch, TINY)
             optimizer_step(model, optimizer, TINY)
             losses.append(loss.item())
         return losses, model.student.state_dict()
@@ -296,3 +304,88 @@ def test_a_checkpoint_of_a_fused_optimizer_resumes_with_this_machines_kernel():
     assert torch.equal(optimizer.state[first]["exp_avg"], on_gpu.state[first]["exp_avg"]) and optimizer.state[first]["exp_avg"].abs().sum() > 0
     with pytest.raises(ValueError, match="compile"):
         DistillConfig(compile="sometimes")
+
+
+def fixed_batch(rows: int = 8, width: int = 12) -> Rows:
+    rng = np.random.default_rng(0)
+    return Rows(
+        rows=np.arange(rows), slides=np.zeros(rows, int), views=np.zeros(rows, int),
+        tiles=rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8), targets={"alpha": (rng.normal(size=(rows, width)) * 3 + 1).astype(np.float16)},
+    )
+
+
+def test_the_logged_gradient_norm_is_the_norm_before_clipping(one_thread):
+    settings = TINY.model_copy(update={"grad_clip": 1e-3})  # far below the norm: the step clips
+    model = tiny_distiller(settings)
+    optimizer = make_optimizer(model, settings)
+    forward_backward(model, model, fixed_batch(), settings)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]))
+    assert optimizer_step(model, optimizer, settings).item() == pytest.approx(norm.item(), rel=1e-6) and norm > 1e-3
+
+
+def test_raw_space_cosine_is_measured_after_the_inverse_standardizer(one_thread):
+    model = tiny_distiller(TINY)
+    batch = fixed_batch()
+    model.standardizers["alpha"] = fit_standardizer(np.random.default_rng(1).normal(size=(64, 12)) * 3 + 1, "phi-s")
+    scores, rows = validate(model, [batch], "fp32")
+    with torch.no_grad():
+        predictions = model.heads(model.student(model.student.preprocess(torch.from_numpy(batch.tiles))))
+    for m in (16, 32):
+        raw = model.standardizers["alpha"].inverse(predictions["alpha", m])
+        expected = F.cosine_similarity(raw.double(), torch.from_numpy(batch.targets["alpha"]).double(), dim=-1).mean()
+        assert rows == 8 and scores["alpha"][str(m)]["cos_raw"] == pytest.approx(expected.item(), abs=1e-6)
+        assert scores["alpha"][str(m)]["cos_raw"] != pytest.approx(scores["alpha"][str(m)]["cos"], abs=1e-3)  # another space
+    assert model.training  # validate leaves the mode as it found it
+
+
+def test_linear_heads_train(one_thread):
+    settings = TINY.model_copy(update={"head": "linear", "head_hidden": None, "lr": 3e-3})
+    model = tiny_distiller(settings)
+    assert model.heads.kind == "linear"
+    optimizer = make_optimizer(model, settings)
+    losses = []
+    for _ in range(15):
+        loss, _, _ = forward_backward(model, model, fixed_batch(), settings)
+        optimizer_step(model, optimizer, settings)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_the_ema_is_the_running_average_of_the_weights_after_each_step(one_thread):
+    model = tiny_distiller(TINY)
+    optimizer = make_optimizer(model, TINY)
+    ema = EMA(model, 0.7)
+    expected = {key: value.double().clone() for key, value in model.state_dict().items()}  # starts at the initial weights
+    for _ in range(3):
+        forward_backward(model, model, fixed_batch(), TINY)
+        optimizer_step(model, optimizer, TINY)
+        ema.update(model)
+        for key, value in model.state_dict().items():
+            expected[key] = 0.7 * expected[key] + 0.3 * value.double()
+    averaged = ema.state_dict()
+    assert averaged.keys() == expected.keys() and not ema.model.training
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key].double(), value, rtol=1e-6, atol=1e-7)
+    moved = [key for key in expected if not torch.equal(averaged[key], model.state_dict()[key])]
+    assert any(key.startswith("student.") for key in moved) and any(key.startswith("heads.") for key in moved)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        EMA(model, 1.0)
+
+
+def test_export_ema_exports_the_averaged_student_and_koleo_is_logged(tmp_path, he_pixels, one_thread):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, he_pixels)
+    short = dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=4, checkpoint_every=4, loader_workers=0, precision="fp32",
+                 ema=0.5, export_ema=True, koleo_weight=0.1)
+    summary = run_distill(config_for(run_dir, **short))
+    ema = torch.load(run_dir / "student" / "checkpoints" / "step-00000004.pt", weights_only=True)["ema"]
+    exported = tensors(run_dir / "student" / "student.safetensors")
+    assert all(torch.equal(value, ema[f"student.backbone.{key}"]) for key, value in exported.items())
+    heads = tensors(run_dir / "student" / "heads.safetensors")
+    assert all(torch.equal(heads[key], ema[key]) for key in heads if key.startswith("heads."))
+    record = json.loads((run_dir / "student" / "student.json").read_text())
+    last = records(run_dir, "eval")[-1]
+    assert record["exported_weights"] == "ema" and record["final_val"] == last["ema"] == summary["final_val"] != last["val"]
+    assert all(r["koleo"] > 0 for r in records(run_dir, "train"))
+    with pytest.raises(ValueError, match="export_ema exports the EMA student, but ema is off"):
+        config_for(run_dir, **{**short, "ema": None})

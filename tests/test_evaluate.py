@@ -369,6 +369,9 @@ def test_fidelity_is_re_measured_on_the_run_s_held_out_slides(tmp_path, he_pixel
         predicted = heads.head("beta", 16)(z[:, :16])
         target = standardizers["beta"](torch.from_numpy(run["targets"]["beta"][rows, 0].astype(np.float32)))
     assert found["recomputed"]["beta"]["16"]["cos"] == pytest.approx(F.cosine_similarity(predicted, target).mean().item(), abs=1e-4)
+    raw = torch.from_numpy(run["targets"]["beta"][rows, 0].astype(np.float32))  # in the teacher's own space
+    expected_raw = F.cosine_similarity(standardizers["beta"].inverse(predicted), raw).mean().item()
+    assert found["recomputed"]["beta"]["16"]["cos_raw"] == pytest.approx(expected_raw, abs=1e-4)
     assert "student.json lacks" in fidelity(None, student_dir, None)["skipped"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill.koleo import koleo, nested_koleo
 from distill.losses import nested_distill_loss
 from distill.student import NestedHeads, Student
 
@@ -51,16 +52,51 @@ def test_cosine_ignores_scale_and_smooth_l1_does_not(rows):
     assert cosine_only.item() == pytest.approx(0, abs=1e-6) and smooth_l1_only > 0.1
 
 
-def test_total_is_the_teacher_and_dim_weighted_sum_of_the_parts():
+def test_total_is_the_teacher_and_dim_weighted_mean_of_the_parts():
     heads = NestedHeads(WIDTHS, DIMS, hidden=8)
     z = torch.randn(6, 192)
     targets = {teacher: torch.randn(6, width) for teacher, width in WIDTHS.items()}
     teacher_weights, dim_weights = {"uni": 2.0, "virchow": 0.5}, {16: 3.0}
     total, parts = nested_distill_loss(z, heads, targets, teacher_weights, dim_weights)
-    expected = sum(teacher_weights[t] * dim_weights.get(m, 1.0) * part["loss"] for (t, m), part in parts.items())
+    weights = {(t, m): teacher_weights[t] * dim_weights.get(m, 1.0) for t, m in parts}
+    expected = sum(weights[key] * part["loss"] for key, part in parts.items()) / sum(weights.values())
     assert total.item() == pytest.approx(expected.item())
     unweighted, _ = nested_distill_loss(z, heads, targets)
-    assert unweighted.item() == pytest.approx(sum(part["loss"] for part in parts.values()).item())
+    assert unweighted.item() == pytest.approx(torch.stack([part["loss"] for part in parts.values()]).mean().item())
+    with pytest.raises(ValueError, match="leave nothing to train"):
+        nested_distill_loss(z, heads, targets, {"uni": 0.0, "virchow": 0.0})
+
+
+def test_the_loss_by_hand_on_two_teachers_with_weights():
+    """Linear heads set by hand, one nested dim of 2, two rows: every term is computed here from its definition."""
+    heads = NestedHeads({"a": 2, "b": 2}, [2], kind="linear")
+    with torch.no_grad():
+        for teacher in ("a", "b"):
+            heads.head(teacher, 2).weight.copy_(torch.eye(2))
+            heads.head(teacher, 2).bias.zero_()
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # predictions are z itself
+    targets = {"a": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "b": torch.tensor([[0.0, 1.0], [0.0, 2.5]])}
+    # a: perfect, loss 0. b: row 0 is orthogonal (cos 0), row 1 parallel (cos 1): mean cos 0.5;
+    # smooth-L1 elementwise |d| = 1, 1, 0, 0.5 -> 0.5, 0.5, 0, 0.125: mean 0.28125.
+    loss_b = 0.9 * (1 - 0.5) + 0.1 * 0.28125
+    total, parts = nested_distill_loss(z, heads, targets, teacher_weights={"a": 3.0, "b": 1.0})
+    assert parts["b", 2]["loss"].item() == pytest.approx(loss_b) and parts["a", 2]["loss"].item() == pytest.approx(0)
+    assert total.item() == pytest.approx((3.0 * 0 + 1.0 * loss_b) / 4.0)
+
+
+def test_koleo_by_hand():
+    """Four unit vectors at 0, 90, 100 and 180 degrees (their scale does not count): the nearest neighbours'
+    chord lengths are 2 sin(45), 2 sin(5), 2 sin(5) and 2 sin(40) degrees."""
+    angles = torch.tensor([0.0, 90.0, 100.0, 180.0]).deg2rad()
+    vectors = torch.stack([angles.cos(), angles.sin()], dim=1) * torch.tensor([[1.0], [3.0], [0.5], [2.0]])
+    chords = 2 * torch.tensor([45.0, 5.0, 5.0, 40.0]).deg2rad().sin()
+    assert koleo(vectors).item() == pytest.approx(-chords.log().mean().item(), rel=1e-5)
+    z = torch.cat([vectors, torch.zeros(4, 2)], dim=1)  # the prefix of 2 and the whole of 4 hold the same vectors
+    assert nested_koleo(z, [2, 4]).item() == pytest.approx(koleo(vectors).item(), rel=1e-6)
+    spread, clustered = koleo(torch.eye(4)), koleo(torch.eye(4) + 5)
+    assert spread < clustered  # closer neighbours, larger KoLeo: minimising it spreads the batch
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo(torch.ones(1, 3))
 
 
 def test_loss_refuses_unknown_teachers_and_dims():

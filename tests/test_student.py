@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from distill.export import StudentError, export_student, load_emulator, load_hea
 from distill.standardize import fit_standardizer
 from distill.student import NestedHeads, Student, default_nested_dims
 from hub_cache import cached_snapshot, use_offline_cache
+from pipeline.config import DistillConfig
 from pipeline.weights import WeightsError
 
 ARCH = "vit_tiny_patch16_224"
@@ -90,9 +92,9 @@ def test_random_init_is_seeded():
     assert not torch.equal(first.backbone.pos_embed, other.backbone.pos_embed)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_nested_heads_map_each_prefix_to_each_teacher(tied):
-    heads = NestedHeads({"uni": 24, "virchow": 40}, [16, 64, 192], hidden=32, tied=tied)
+@pytest.mark.parametrize("tied, kind", [(False, "mlp"), (True, "mlp"), (False, "linear"), (True, "linear")])
+def test_nested_heads_map_each_prefix_to_each_teacher(tied, kind):
+    heads = NestedHeads({"uni": 24, "virchow": 40}, [16, 64, 192], hidden=32 if kind == "mlp" else None, tied=tied, kind=kind)
     z = torch.randn(5, 192, requires_grad=True)
     predictions = heads(z)
     assert {key: p.shape for key, p in predictions.items()} == {
@@ -101,15 +103,35 @@ def test_nested_heads_map_each_prefix_to_each_teacher(tied):
     predictions["uni", 16].sum().backward()
     assert z.grad[:, :16].abs().sum() > 0 and not z.grad[:, 16:].any()  # a head sees only its prefix
     head_parameters = sum(p.numel() for p in heads.parameters())
-    one_head_per_teacher = sum(p.numel() for p in NestedHeads({"uni": 24, "virchow": 40}, [192], 32).parameters())
+    one_head_per_teacher = sum(p.numel() for p in NestedHeads({"uni": 24, "virchow": 40}, [192], 32 if kind == "mlp" else None, kind=kind).parameters())
     assert (head_parameters == one_head_per_teacher) == tied
 
 
-def test_tied_heads_use_the_first_m_input_weights():
-    heads = NestedHeads({"uni": 24}, [16, 192], hidden=32, tied=True)
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_tied_heads_use_the_first_m_input_weights(kind):
+    heads = NestedHeads({"uni": 24}, [16, 192], hidden=32 if kind == "mlp" else None, tied=True, kind=kind)
     heads(torch.randn(5, 192))["uni", 16].sum().backward()
-    first_layer = heads.head("uni", 16).fc1.weight.grad
+    head = heads.head("uni", 16)
+    first_layer = (head.fc1 if kind == "mlp" else head).weight.grad
     assert first_layer[:, :16].abs().sum() > 0 and not first_layer[:, 16:].any()
+
+
+def test_mlp_heads_are_as_wide_as_their_target_by_default_and_linear_heads_are_one_layer():
+    widths = {"uni": 24, "virchow": 40}
+    heads = NestedHeads(widths, [16, 192])
+    assert heads.hidden == widths and heads.record() == {"kind": "mlp", "hidden": widths, "tied": False}
+    for teacher, width in widths.items():
+        for m in (16, 192):
+            head = heads.head(teacher, m)
+            assert (head.fc1.weight.shape, head.fc2.weight.shape) == ((width, m), (width, width))
+    assert NestedHeads(widths, [16], hidden=8).hidden == {"uni": 8, "virchow": 8}  # an int still sets every head
+    linear = NestedHeads(widths, [16, 192], kind="linear")
+    assert linear.record() == {"kind": "linear", "hidden": None, "tied": False}
+    assert [tuple(p.shape) for p in linear.head("virchow", 16).parameters()] == [(40, 16), (40,)]
+    with pytest.raises(ValueError, match="linear heads have no hidden layer"):
+        NestedHeads(widths, [16], hidden=8, kind="linear")
+    with pytest.raises(ValueError, match="head_hidden 8 is the hidden width of mlp heads"):
+        DistillConfig(head="linear", head_hidden=8)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -208,6 +230,37 @@ def test_exported_heads_and_standardizers_reload(exported):
         assert all(torch.equal(loaded_heads(z)[key], p) for key, p in heads(z).items())
     assert {name: s.kind for name, s in loaded_standardizers.items()} == {"uni": "phi-s", "virchow": "zscore"}
     assert torch.equal(loaded_standardizers["virchow"](targets), standardizers["virchow"](targets))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_heads_of_either_kind_export_and_load_back(tmp_path, kind, images):
+    student = Student(ARCH, TINY, nested_dims=[16, 192]).eval()
+    standardizers = {"uni": fit_standardizer(np.random.default_rng(0).normal(size=(50, 24)), "phi-s")}
+    heads = NestedHeads({"uni": 24}, student.nested_dims, kind=kind)
+    export_student(student, tmp_path, META, standardizers, heads)
+    assert json.loads((tmp_path / "student.json").read_text())["heads"] == heads.record()
+    loaded, _ = load_heads(tmp_path)
+    assert loaded.record() == heads.record() and loaded.state_dict().keys() == heads.state_dict().keys()
+    emulator = load_emulator(tmp_path)
+    with torch.no_grad():
+        expected = standardizers["uni"].inverse(heads.head("uni", 16)(student.embed(images, dim=16)))
+    assert torch.equal(emulator.emulate(images, "uni", 16), expected)
+
+
+def test_a_student_exported_before_head_kinds_loads_as_mlp_heads(exported, tmp_path):
+    """Older exports record `heads: {hidden: INT, tied}`: one hidden width for every head, no kind."""
+    directory, _, _, heads = exported
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    record = json.loads((old / "student.json").read_text())
+    record["heads"] = {"hidden": 32, "tied": True}
+    (old / "student.json").write_text(json.dumps(record))
+    loaded, _ = load_heads(old)
+    assert loaded.record() == {"kind": "mlp", "hidden": {"uni": 32, "virchow": 32}, "tied": True}
+    z = torch.randn(3, 192)
+    with torch.no_grad():
+        assert all(torch.equal(loaded(z)[key], p) for key, p in heads(z).items())
+    load_emulator(old)
 
 
 def test_export_refuses_incomplete_meta(exported, tmp_path):

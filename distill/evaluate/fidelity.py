@@ -3,9 +3,11 @@ teacher and nested dim: the run's own final validation (``final_val`` in student
 same measure re-computed here by the distiller's own code (``train.validate`` on the run's split,
 stores and settings), so that the two agree when the stores and student are the ones the run used.
 
-Both are measured where the loss works, on standardized targets: the mean cosine between a head's
-output and the target, and R^2 = 1 - SSE / SST summed over all dims. A student distilled with spatial
-targets is measured on its grids too, every cell a sample (``spatial.validate_grid``).
+Both are measured over every view of the held-out rows, where the loss works, on standardized targets
+(the mean cosine between a head's output and the target, and R^2 = 1 - SSE / SST summed over all
+dims), and in the teacher's own space (`cos_raw`: the cosine between the inverse-standardized output
+and the stored target). A student distilled with spatial targets is measured on its grids too, every
+cell a sample (``spatial.validate_grid``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ RUN_KEYS = ("distill", "distilled_from", "split", "composition", "final_val")
 
 def fidelity(runs: list[Path] | None, student_dir: Path, rows: int | None) -> dict:
     """{"held_out_slides": [{"run", "id", "name", "rows"}], "rows", "run": final_val, "recomputed":
-    {teacher: {m: {"cos", "r2"}}}}, measured over the held-out slides of every run of the training set
+    {teacher: {m: {"cos", "cos_raw", "r2"}}}}, measured over the held-out slides of every run of the training set
     (`runs`, or none: the runs the student records), and for a student with spatial heads "grid":
     {"run": final_grid_val, "recomputed": {teacher: {m: {"cos", "r2"}}}} over their grid cells; or
     {"skipped": reason} when the student or the runs' stores do not allow it."""

@@ -64,13 +64,14 @@ def write_markdown(result: dict) -> str:
         lines.append(f"Not measured: {fidelity['skipped']}.")
     else:
         lines += [
-            f"Slides {held_out_text(fidelity['held_out_slides'])}, {fidelity['rows']} rows. Cells: cosine / R^2 on standardized "
+            f"Slides {held_out_text(fidelity['held_out_slides'])}, {fidelity['rows']} rows (each held-out row once per view). Cells: "
+            "cosine / cosine in the teacher's raw space (after the inverse standardizer) / R^2, cosine and R^2 on standardized "
             "targets, re-computed here (the run's own final validation in brackets).", "",
             *markdown_table(*fidelity_table(fidelity)),
         ]
         if "grid" in fidelity:
             lines += [
-                "", "Spatial targets, each grid cell of those rows a sample: cosine / R^2 on standardized grids.", "",
+                "", "Spatial targets, each grid cell of those rows a sample: cosine / - / R^2 on standardized grids (no raw-space cosine for grids).", "",
                 *markdown_table(*fidelity_table(fidelity["grid"])),
             ]
     return "\n".join(lines) + "\n"
@@ -127,7 +128,7 @@ def fidelity_table(fidelity: dict) -> tuple[list[str], list[list[str]]]:
     recomputed, run = fidelity["recomputed"], fidelity["run"]
     dims = list(next(iter(recomputed.values())))
     rows = [
-        [dim, *(f"{recomputed[t][dim]['cos']:.3f} / {recomputed[t][dim]['r2']:.3f} ({_run_cell(run, t, dim)})" for t in recomputed)]
+        [dim, *(f"{_fidelity_cell(recomputed[t][dim])} ({_fidelity_cell(run.get(t, {}).get(dim))})" for t in recomputed)]
         for dim in dims
     ]
     return ["dim", *recomputed], rows
@@ -161,7 +162,7 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
     written.append(draw(panels, directory / "robustness.png"))
     fidelity = result["fidelity"]
     if "skipped" not in fidelity:
-        panels = [_fidelity_panel(f"fidelity to {teacher} (held-out slides)", "on standardized targets", by_dim) for teacher, by_dim in fidelity["recomputed"].items()]
+        panels = [_fidelity_panel(f"fidelity to {teacher} (held-out slides)", "cosine, R^2 (standardized), raw-space cosine", by_dim) for teacher, by_dim in fidelity["recomputed"].items()]
         panels += [
             _fidelity_panel(f"grid fidelity to {teacher} (held-out slides)", "per grid cell, on standardized grids", by_dim)
             for teacher, by_dim in fidelity.get("grid", {}).get("recomputed", {}).items()
@@ -223,13 +224,16 @@ def _probe_cell(scores: dict) -> str:
 
 
 def _fidelity_panel(title: str, ylabel: str, by_dim: dict[str, dict[str, float]]) -> Panel:
-    """Cosine and R^2 against the student's dim."""
-    return Panel(title, ylabel, {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None) for name, metric in (("cosine", "cos"), ("R^2", "r2"))})
+    """Cosine, raw-space cosine (where measured) and R^2 against the student's dim."""
+    metrics = [(name, metric) for name, metric in (("cosine", "cos"), ("cosine, raw space", "cos_raw"), ("R^2", "r2")) if all(metric in scores for scores in by_dim.values())]
+    return Panel(title, ylabel, {name: ([int(m) for m in by_dim], [scores[metric] for scores in by_dim.values()], None) for name, metric in metrics})
 
 
-def _run_cell(run: dict, teacher: str, dim: str) -> str:
-    scores = run.get(teacher, {}).get(dim)
-    return f"{scores['cos']:.3f} / {scores['r2']:.3f}" if scores else "-"
+def _fidelity_cell(scores: dict | None) -> str:
+    """cos / cos_raw / r2; "-" for what was not measured (a run validated before cos_raw existed has none)."""
+    if not scores:
+        return "-"
+    return " / ".join(f"{scores[key]:.3f}" if key in scores else "-" for key in ("cos", "cos_raw", "r2"))
 
 
 def _top_metric(metrics: dict) -> str:
