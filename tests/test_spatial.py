@@ -182,7 +182,7 @@ def test_the_distiller_adds_each_term_times_its_weight(grid_run):
         torch.manual_seed(5)
         masked_cells = draw_masked_cells(rows, 2, 0.25, images.device)
         masked_term, _ = spatial_distill_loss(spatial.cells(student.forward_tokens(images, masked_cells)[1]), spatial.heads, grids, where=masked_cells)
-    loss, parts = total()
+    loss, parts, _ = total()
     assert loss.item() == pytest.approx((summary + 0.5 * grid_term + 2.0 * masked_term).item(), rel=1e-5)
     assert total(spatial_weight=0.0)[0].item() == pytest.approx((summary + 2.0 * masked_term).item(), rel=1e-5)
     assert total(mask_ratio=0.0, spatial_weight=1.5)[0].item() == pytest.approx((summary + 1.5 * grid_term).item(), rel=1e-5)
@@ -205,7 +205,7 @@ def test_a_spatial_run_logs_validates_and_exports_its_grid_terms(spatial_trained
     records = [json.loads(line) for line in (student_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert set(train[-1]) == {"kind", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim", "grid_loss_by_dim", "masked_loss_by_dim"}
+    assert set(train[-1]) == {"kind", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim", "grid_loss_by_dim", "masked_loss_by_dim", "grad_norm"}
     assert set(train[-1]["grid_loss_by_dim"]) == set(TEACHERS) and set(train[-1]["masked_loss_by_dim"]["beta"]) == {"16", "64", "192"}
     assert [r["step"] for r in evals] == [0, 15, 30]
     for teacher in TEACHERS:  # the synthetic grids are linear in cell colours: learnt in a few steps
