@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distill.augment import Augmented, augment, augment_generator, augment_loss, augment_record, check_crops_fit
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
 from distill.export import export_student
@@ -102,8 +103,8 @@ class World:
 
 class Distiller(nn.Module):
     """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
-    into the student's pixels and standardized targets; `forward` returns the loss, so DDP sees every
-    trained parameter used inside forward."""
+    into the student's pixels and standardized targets, `augmented` into augmented copies of the pixels
+    (distill/augment.py); `forward` returns the loss, so DDP sees every trained parameter used inside forward."""
 
     def __init__(
         self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer], settings: DistillConfig,
@@ -114,6 +115,7 @@ class Distiller(nn.Module):
         self.loss_weights = dict(
             teacher_weights=settings.teacher_weights, dim_weights=settings.dim_weights, alpha=settings.alpha, beta=settings.beta
         )
+        self.augment = settings.augment
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
@@ -121,8 +123,19 @@ class Distiller(nn.Module):
         targets = {t: self.standardizers[t](to_device(y, device)) for t, y in batch.targets.items()}
         return images, targets
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, Parts]:
-        return nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+    def augmented(self, batch: Rows, generator: torch.Generator) -> Augmented:
+        """The rows' augmented copies, drawn from `generator`; the rows and their targets stay as they are."""
+        return augment(self.student.pixels(to_device(batch.tiles, next(self.parameters()).device)), self.augment, generator)
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor], augmented: Augmented | None = None) -> tuple[Tensor, Parts]:
+        """The exact-view loss, plus the augment terms (parts keyed ("augment", term)) when given augmented inputs."""
+        loss, parts = nested_distill_loss(self.student(images), self.heads, targets, **self.loss_weights)
+        if augmented is None:
+            return loss, parts
+        extra, extra_parts = augment_loss(
+            lambda pixels: self.student(self.student.normalise(pixels)), self.heads, augmented, targets, self.augment, self.loss_weights
+        )
+        return loss + extra, {**parts, **extra_parts}
 
 
 def to_device(values: np.ndarray, device: torch.device) -> Tensor:
@@ -213,15 +226,16 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
             lr = learning_rate(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logged = torch.zeros(1 + len(data.widths) * len(heads.nested_dims), device=world.device)
+            logged = 0.0  # becomes [total, *part losses] of the step, averaged over its micro-batches
             slides = []
             for micro in range(settings.accumulation):
                 last = micro == settings.accumulation - 1
                 batch = next(batches)
                 slides.append(batch.slides)
+                generator = augment_generator(settings.augment, settings.seed, step, micro, world.rank)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
-                    loss, parts = forward_backward(training, model, batch, settings)
-                logged += torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
+                    loss, parts = forward_backward(training, model, batch, settings, generator)
+                logged = logged + torch.stack([loss, *(part["loss"] for part in parts.values())]).float() / settings.accumulation
             optimizer_step(model, optimizer, settings)
             step += 1
             unread.append((step, lr, len(np.unique(np.concatenate(slides))), logged))
@@ -237,10 +251,11 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
                 for (logged_step, logged_lr, distinct, _), (total, *by_dim) in zip(unread, values):
                     loss_by_dim: dict[str, dict[str, float]] = {t: {} for t in data.widths}
                     for (teacher, m), value in zip(parts, by_dim):
-                        loss_by_dim[teacher][str(m)] = value
+                        if teacher in loss_by_dim:
+                            loss_by_dim[teacher][str(m)] = value
                     log.append({
                         "kind": "train", "step": logged_step, "loss": total, "lr": logged_lr, "samples_per_s": samples_per_s,
-                        "slides": distinct, "loss_by_dim": loss_by_dim,
+                        "slides": distinct, "loss_by_dim": loss_by_dim, **augment_record(parts, by_dim),
                     })
                 bar.update(task, rate=f"loss {values[-1][0]:.4f}, {samples_per_s:.0f} samples/s")
                 if validating:
@@ -326,6 +341,7 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
             f"student {settings.student} takes {tuple(patch_embed.img_size)} px images but the tiles are {tile_px} px: "
             f"set distill.student_kwargs.img_size: {tile_px} (or dynamic_img_size: true)"
         )
+    check_crops_fit(settings.augment, patch_embed, tile_px)
     return student
 
 
@@ -373,11 +389,15 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts]:
-    """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its DDP wrapper."""
+def forward_backward(
+    training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig, generator: torch.Generator | None = None,
+) -> tuple[Tensor, Parts]:
+    """Loss of one micro-batch, its gradient added (scaled for accumulation); `training` is `model` or its
+    DDP wrapper; with a `generator` (augment_generator) the batch is also augmented."""
     images, targets = model.inputs(batch)
+    augmented = model.augmented(batch, generator) if generator is not None else None
     with autocast(images.device.type, settings.precision):
-        loss, parts = training(images, targets)
+        loss, parts = training(images, targets, augmented)
     (loss / settings.accumulation).backward()
     return loss.detach(), parts
 
@@ -488,7 +508,7 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
 
 def measure_speeds(model: Distiller, loader: BlockShuffleLoader, settings: DistillConfig) -> dict[str, float]:
     """Samples/s of the loader alone (from the start, with its worker threads) and of the training
-    step alone (forward, backward, AdamW on a copy of the model, one batch already in memory)."""
+    step alone (augmentations, forward, backward, AdamW on a copy of the model, one batch already in memory)."""
     count = max(1, SPEED_SAMPLES // settings.batch_size)
     clock = time.perf_counter()
     with closing(iter(loader)) as batches:
@@ -501,7 +521,7 @@ def measure_speeds(model: Distiller, loader: BlockShuffleLoader, settings: Disti
     for index in range(SPEED_STEPS + 1):  # the first step warms up
         if index == 1:
             clock = time.perf_counter()
-        forward_backward(copied, copied, batch, settings)
+        forward_backward(copied, copied, batch, settings, augment_generator(settings.augment, settings.seed, index, 0, 0))
         optimizer_step(copied, optimizer, settings)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
