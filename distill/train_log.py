@@ -2,6 +2,7 @@
 
 metrics.jsonl holds one JSON record per line:
   {"kind": "train", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim": {teacher: {m: loss}}}
+    (+ "augment_loss": {term: loss} with distill.augment: each augmentation's term, distill/augment.py)
   {"kind": "eval", "step", "rows", "val": {teacher: {m: {"cos": .., "r2": ..}}}}
 Validation is measured on standardized targets (the space the loss works in), see train.validate.
 `slides` is how many distinct slides the step's batch held (rank 0's share under DDP); `samples_per_s`
