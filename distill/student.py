@@ -102,7 +102,14 @@ class Student(nn.Module):
 
     def preprocess(self, tiles_uint8_nhwc: Tensor) -> Tensor:
         """uint8 tiles [B, H, W, 3] -> the normalised float input [B, 3, H, W], on the student's device."""
-        pixels = tiles_uint8_nhwc.to(next(self.parameters()).device).permute(0, 3, 1, 2).float().div_(255)
+        return self.normalise(self.pixels(tiles_uint8_nhwc))
+
+    def pixels(self, tiles_uint8_nhwc: Tensor) -> Tensor:
+        """uint8 tiles [B, H, W, 3] -> float pixels [B, 3, H, W] in [0, 1] on the student's device (what augmentations change)."""
+        return tiles_uint8_nhwc.to(next(self.parameters()).device).permute(0, 3, 1, 2).float().div_(255)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """Float pixels in [0, 1] -> the student's input, normalised by its mean and std."""
         mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels - mean) / std

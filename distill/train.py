@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distill.augment import Augmented, augment, augment_generator, augment_loss, check_crops_fit
 from distill.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from distill.data import BlockShuffleLoader, DistillData, Rows, open_distill_data, target_sample, validation_batches
 from distill.ema import EMA
@@ -106,13 +107,15 @@ class World:
 
 class Distiller(nn.Module):
     """Student, nested heads and per-teacher target standardizers as one module: `inputs` turns rows
-    into the student's pixels and standardized targets (`grid_targets`: grids); `forward` returns the
-    loss, so DDP sees every trained parameter used inside forward, with what is logged of it: the
-    distillation parts per (teacher, m) and the other terms' unweighted values by name (e.g. "koleo").
+    into the student's pixels and standardized targets (`grid_targets`: grids; `augmented`: augmented
+    copies of the pixels, distill/augment.py); `forward` returns the loss, so DDP sees every trained
+    parameter used inside forward, with what is logged of it: the distillation parts per (teacher, m)
+    and the other terms' unweighted values by name (e.g. "koleo").
 
     With `spatial` heads the loss adds distill.spatial_weight x the spatial term and, when
     distill.mask_ratio > 0, distill.masked_weight x the masked-cell term, on a second forward of the
-    same images with cells masked; their parts are keyed ("grid", teacher, m) and ("masked", teacher, m)."""
+    same images with cells masked; their parts are keyed ("grid", teacher, m) and ("masked", teacher, m).
+    Given augmented inputs it adds each augmentation's weighted term, parts keyed ("augment", term)."""
 
     def __init__(
         self, student: Student, heads: NestedHeads, standardizers: dict[str, Standardizer], settings: DistillConfig,
@@ -127,6 +130,7 @@ class Distiller(nn.Module):
         )
         self.spatial_weight, self.mask_ratio, self.masked_weight = settings.spatial_weight, settings.mask_ratio, settings.masked_weight
         self.koleo_weight = settings.koleo_weight
+        self.augment = settings.augment
 
     def inputs(self, batch: Rows) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.parameters()).device
@@ -141,7 +145,13 @@ class Distiller(nn.Module):
         device = next(self.parameters()).device
         return self.spatial.targets({t: to_device(grid, device) for t, grid in batch.grids.items()})
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor], grids: dict[str, Tensor] | None = None) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+    def augmented(self, batch: Rows, generator: torch.Generator) -> Augmented:
+        """The rows' augmented copies, drawn from `generator`; the rows and their targets stay as they are."""
+        return augment(self.student.pixels(to_device(batch.tiles, next(self.parameters()).device)), self.augment, generator)
+
+    def forward(
+        self, images: Tensor, targets: dict[str, Tensor], grids: dict[str, Tensor] | None = None, augmented: Augmented | None = None,
+    ) -> tuple[Tensor, Parts, dict[str, Tensor]]:
         z, tokens = self.student.forward_tokens(images) if self.spatial is not None else (self.student(images), None)
         loss, parts = nested_distill_loss(z, self.heads, targets, **self.loss_weights)
         terms = {}
@@ -157,6 +167,12 @@ class Distiller(nn.Module):
             )
             loss = loss + self.masked_weight * masked
             parts.update({("masked", *key): part for key, part in masked_parts.items()})
+        if augmented is not None:
+            extra, extra_parts = augment_loss(
+                lambda pixels: self.student(self.student.normalise(pixels)), self.heads, augmented, targets, self.augment, self.loss_weights
+            )
+            loss = loss + extra
+            parts.update(extra_parts)
         if self.koleo_weight:
             terms["koleo"] = nested_koleo(z, self.heads.nested_dims)
             loss = loss + self.koleo_weight * terms["koleo"]
@@ -268,8 +284,9 @@ def _distill(config: Config, resume: bool, accept_changes: bool, world: World) -
                 last = micro == settings.accumulation - 1
                 batch = next(batches)
                 slides.append(batch.slides)
+                generator = augment_generator(settings.augment, settings.seed, step, micro, world.rank)
                 with training.no_sync() if world.size > 1 and not last else nullcontext():
-                    loss, parts, terms = forward_backward(training, model, batch, settings)
+                    loss, parts, terms = forward_backward(training, model, batch, settings, generator)
                 logged = logged + torch.stack([loss, *terms.values(), *(part["loss"] for part in parts.values())]).float() / settings.accumulation
             grad_norm = optimizer_step(model, optimizer, settings)
             if ema:
@@ -383,6 +400,7 @@ def build_student(settings: DistillConfig, tile_px: int) -> Student:
             f"student {settings.student} takes {tuple(patch_embed.img_size)} px images but the tiles are {tile_px} px: "
             f"set distill.student_kwargs.img_size: {tile_px} (or dynamic_img_size: true)"
         )
+    check_crops_fit(settings.augment, patch_embed, tile_px)
     return student
 
 
@@ -425,9 +443,13 @@ def require_same_parameters(checkpoint: dict, found: Path, data: DistillData, se
 def losses_by_term(keys: Iterable[tuple], values: Iterable[float]) -> dict[str, dict[str, dict[str, float]]]:
     """A step's logged part losses by term: {"loss_by_dim": {teacher: {m: loss}}} for the summary parts
     (keyed (teacher, m)), and "grid_loss_by_dim" / "masked_loss_by_dim" for the spatial ones (keyed
-    ("grid" | "masked", teacher, m))."""
-    terms: dict[str, dict[str, dict[str, float]]] = {}
+    ("grid" | "masked", teacher, m)), and "augment_loss": {term: loss} for the augmentations' (keyed
+    ("augment", term), a name where the summary parts have a dim)."""
+    terms: dict[str, dict] = {}
     for key, value in zip(keys, values):
+        if isinstance(key[-1], str):  # ("augment", term): distill/augment.py's terms
+            terms.setdefault("augment_loss", {})[key[1]] = value
+            continue
         name = "loss_by_dim" if len(key) == 2 else f"{key[0]}_loss_by_dim"
         teacher, m = key[-2:]
         terms.setdefault(name, {}).setdefault(teacher, {})[str(m)] = value
@@ -478,13 +500,17 @@ def learning_rate(step: int, settings: DistillConfig) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def forward_backward(training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig) -> tuple[Tensor, Parts, dict[str, Tensor]]:
+def forward_backward(
+    training: nn.Module, model: Distiller, batch: Rows, settings: DistillConfig, generator: torch.Generator | None = None,
+) -> tuple[Tensor, Parts, dict[str, Tensor]]:
     """Loss of one micro-batch (with Distiller.forward's parts and terms), its gradient added (scaled for
-    accumulation); `training` is `model` or its DDP wrapper."""
+    accumulation); `training` is `model` or its DDP wrapper; with a `generator` (augment_generator) the
+    batch is also augmented."""
     images, targets = model.inputs(batch)
     grids = model.grid_targets(batch)
+    augmented = model.augmented(batch, generator) if generator is not None else None
     with autocast(images.device.type, settings.precision):
-        loss, parts, terms = training(images, targets, grids)
+        loss, parts, terms = training(images, targets, grids, augmented)
     (loss / settings.accumulation).backward()
     return loss.detach(), parts, terms
 
@@ -592,7 +618,7 @@ def export_meta(data: DistillData, settings: DistillConfig, history: list[dict],
 
 def measure_speeds(model: Distiller, loader: BlockShuffleLoader, settings: DistillConfig) -> dict[str, float]:
     """Samples/s of the loader alone (from the start, with its worker threads) and of the training
-    step alone (forward, backward, AdamW on a copy of the model, one batch already in memory)."""
+    step alone (augmentations, forward, backward, AdamW on a copy of the model, one batch already in memory)."""
     count = max(1, SPEED_SAMPLES // settings.batch_size)
     clock = time.perf_counter()
     with closing(iter(loader)) as batches:
@@ -605,7 +631,7 @@ def measure_speeds(model: Distiller, loader: BlockShuffleLoader, settings: Disti
     for index in range(SPEED_STEPS + 1):  # the first step warms up
         if index == 1:
             clock = time.perf_counter()
-        forward_backward(copied, copied, batch, settings)
+        forward_backward(copied, copied, batch, settings, augment_generator(settings.augment, settings.seed, index, 0, 0))
         optimizer_step(copied, optimizer, settings)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON record per line:
   {"kind": "train", "step", "loss", "lr", "samples_per_s", "slides", "loss_by_dim": {teacher: {m: loss}},
-   "grad_norm", and "koleo" when distill.koleo_weight > 0}
+   "grad_norm", "koleo" when distill.koleo_weight > 0, and "augment_loss": {term: loss} with distill.augment
+   (each augmentation's term, distill/augment.py)}
   {"kind": "eval", "step", "rows", "val": {teacher: {m: {"cos": .., "cos_raw": .., "r2": ..}}}, and "ema" (the
    same scores of the EMA student) when distill.ema is on}
 With spatial distillation, train records add "grid_loss_by_dim" (and "masked_loss_by_dim" with masked

@@ -95,6 +95,71 @@ class FeaturesConfig(Strict):
         return self
 
 
+class AugmentTerm(Strict):
+    """One student-side augmentation: the share of samples it is applied to, and the weight of its loss term."""
+
+    p: float = Field(0.0, ge=0, le=1, description="probability that a training sample gets this augmentation (0: off)")
+    weight: float = Field(1.0, ge=0, description="weight of its loss term (the nested loss over the samples it changed) beside the exact-view term")
+
+
+class HedJitter(AugmentTerm):
+    sigma: float = Field(0.05, ge=0, le=1, description="Tellez et al.'s HED jitter: each of the H, E, DAB densities (skimage rgb2hed units) scaled by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma), per sample")
+
+
+class ColourJitter(AugmentTerm):
+    brightness: float = Field(0.1, ge=0, description="factor U(max(0, 1 - b), 1 + b), as torchvision's ColorJitter")
+    contrast: float = Field(0.1, ge=0, description="factor U(max(0, 1 - c), 1 + c)")
+    saturation: float = Field(0.1, ge=0, description="factor U(max(0, 1 - s), 1 + s)")
+    hue: float = Field(0.02, ge=0, le=0.5, description="hue shift U(-h, h), in turns")
+
+
+class BlurJitter(AugmentTerm):
+    sigma: tuple[float, float] = Field((0.1, 1.5), description="Gaussian blur sigma U(low, high) px; kernel 2 ceil(3 sigma) + 1")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BlurJitter:
+        if not 0 < self.sigma[0] <= self.sigma[1]:
+            raise ValueError(f"sigma {list(self.sigma)} must be [low, high] with 0 < low <= high")
+        return self
+
+
+class JpegJitter(AugmentTerm):
+    quality: tuple[int, int] = Field((50, 95), description="JPEG quality drawn uniformly from low..high (inclusive)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JpegJitter:
+        if not 1 <= self.quality[0] <= self.quality[1] <= 100:
+            raise ValueError(f"quality {list(self.quality)} must be [low, high] with 1 <= low <= high <= 100")
+        return self
+
+
+class LocalCrops(Strict):
+    n: int = Field(0, ge=0, description="local crops of every training sample (0: off), each regressing the sample's full-view target (DINO's local-to-global)")
+    px: int = Field(96, gt=0, description="side the crops are resized to; below the tile px the student needs student_kwargs.dynamic_img_size: true")
+    scale: tuple[float, float] = Field((0.25, 0.5), description="crop area as a share of the tile area, U(low, high); square crops at a uniform position")
+    weight: float = Field(1.0, ge=0, description="weight of the local-crop loss term")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LocalCrops:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale {list(self.scale)} must be [low, high] with 0 < low <= high <= 1")
+        return self
+
+
+class AugmentConfig(Strict):
+    """Student-side augmentations against the clean cached target (distill/augment.py); all off by default."""
+
+    hed: HedJitter = HedJitter()
+    colour: ColourJitter = ColourJitter()
+    blur: BlurJitter = BlurJitter()
+    jpeg: JpegJitter = JpegJitter()
+    local_crops: LocalCrops = LocalCrops()
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, kind).p > 0 for kind in ("hed", "colour", "blur", "jpeg")) or self.local_crops.n > 0
+
+
 class DistillConfig(Strict):
     student: str = Field("vit_tiny_patch16_224", description="timm architecture of the student")
     student_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm create_model kwargs")
@@ -135,6 +200,7 @@ class DistillConfig(Strict):
     pool_chunks: int = Field(8, gt=0, description="chunks loaded and shuffled together: more chunks, more slides per batch, more memory per reading thread")
     loader_workers: int = Field(1, ge=0, description="background loading workers")
     compile: bool = Field(False, description="torch.compile the student (needs a C compiler for inductor; pays off on GPUs over long runs)")
+    augment: AugmentConfig = Field(AugmentConfig(), description="student-side augmentations, each its own loss term beside the exact-view one (distill/augment.py)")
 
     @model_validator(mode="after")
     def _head_and_ema_settings_agree(self) -> DistillConfig:
@@ -156,6 +222,7 @@ class EvalDatasetConfig(Strict):
 class EvaluateConfig(Strict):
     datasets: list[EvalDatasetConfig] = Field(default_factory=list, description="labelled sets; empty: the demo labelled set built from RUN/tiles.zarr (distill/evaluate/demo_set.py)")
     student: Path | None = Field(None, description="exported student directory (none: RUN/student)")
+    students: list[Path] = Field(default_factory=list, description="more exported students evaluated beside `student` (e.g. one trained with augmentations), each labelled by its directory name (its run's name for RUN/student)")
     dims: list[int] | None = Field(None, description="student widths to evaluate (none: its nested dims)")
     teachers: list[str] | None = Field(None, description="registry teachers to compare with, weights from features.weights (none: features.teachers)")
     feature_stores: list[Path] = Field(default_factory=list, description="feature stores already computed, each evaluated on the labelled tile store it was computed from")

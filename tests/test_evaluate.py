@@ -420,3 +420,29 @@ def test_evaluate_writes_json_table_and_plots(tmp_path, crops, student_dir):
 def test_the_example_benchmark_config_validates():
     config = load_config(REPO / "configs" / "evaluate-crc.yaml")
     assert config.evaluate.datasets[0].kind == "imagefolder" and config.evaluate.datasets[0].mpp == 0.5
+
+
+def test_students_side_by_side_are_each_labelled_by_their_directory_in_the_robustness_table(tmp_path, crops, student_dir):
+    """evaluate.students: another exported student (here a RUN/student, labelled by its run) is evaluated beside evaluate.student."""
+    other = Student("vit_tiny_patch16_224", TINY, init="random:1")
+    other_dir = tmp_path / "augmented" / "student"
+    export_student(other, other_dir, META, {"demo-vit": fit_standardizer(np.random.default_rng(1).normal(size=(16, 192)), "zscore")}, NestedHeads({"demo-vit": 192}, other.nested_dims, hidden=32))
+    root = write_imagefolder(tmp_path / "small", {"he": crops, "recoloured": recoloured(crops)}, {"train": 6, "val": 3, "test": 3})
+    settings = EvaluateConfig(
+        datasets=[EvalDatasetConfig(name="small", kind="imagefolder", path=root, mpp=0.5)], student=student_dir, students=[other_dir],
+        dims=[16, 192], teachers=[], seeds=1, probes=["knn"], pair_tiles=4, pair_k=[1, 3, 5, 10],
+    )
+    result = run_evaluate(Config(run=tmp_path / "run", evaluate=settings))
+    labels = [student_dir.name, "augmented"]
+    assert [s["label"] for s in result["students"]] == labels and result["student"]["label"] == student_dir.name
+    assert [(m["name"], m["kind"]) for m in result["models"]] == [(label, "student") for label in labels]
+    robust = {(r["model"], r["dim"]): r for r in result["robustness"]["results"]}
+    assert set(robust) == {(label, dim) for label in labels for dim in (16, 192)}
+    assert robust[labels[0], 192]["groups"] != robust[labels[1], 192]["groups"]  # two different students, measured apart
+    table = (tmp_path / "run" / "evaluate" / "evaluate.md").read_text()
+    robustness_section = table.split("## Robustness")[1].split("## Fidelity")[0]
+    assert f"| {labels[0]}* | 16 |" in robustness_section and "| augmented* | 192 |" in robustness_section
+    assert "- **augmented**: " in table and "augmentations: none" in table
+    assert (tmp_path / "run" / "evaluate" / "plots" / "robustness.png").is_file()
+    with pytest.raises(EvaluateError, match="share one"):
+        run_evaluate(Config(run=tmp_path / "run", evaluate=settings.model_copy(update={"students": [student_dir]})))

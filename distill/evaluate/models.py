@@ -56,11 +56,10 @@ class Embeddings:
 
 
 class StudentEmbedder:
-    """The exported student; its one output, z, is evaluated at each nested dim."""
+    """An exported student, labelled `name` in tables and plots; its one output, z, is evaluated at each nested dim."""
 
-    name = "student"
-
-    def __init__(self, directory: Path, dims: list[int] | None = None):
+    def __init__(self, directory: Path, dims: list[int] | None = None, name: str = "student"):
+        self.name = name
         try:
             directory, record = read_student_json(directory)
         except StudentError as error:

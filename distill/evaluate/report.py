@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 from distill.evaluate.robustness import GROUPS, LEADERBOARD_K  # noqa: E402
 
-STUDENT = "student"
 STAND_IN_MARK = "*"
 PANELS_PER_ROW = 3
 
@@ -28,6 +27,23 @@ class Panel:
     lines: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Labels:
+    """How models are named in tables and plots: stand-ins marked; a student is one model at many dims
+    (a curve), any other model one row per output (recipe)."""
+
+    names: dict[str, str]
+    students: list[str]
+
+    @classmethod
+    def of(cls, result: dict) -> Labels:
+        names = {model["name"]: model["name"] + (STAND_IN_MARK if model["stand_in"] else "") for model in result["models"]}
+        return cls(names, [model["name"] for model in result["models"] if model["kind"] == "student"])
+
+    def row(self, model: str, output: str) -> str:
+        return self.names[model] if model in self.students else f"{self.names[model]} {output}"
+
+
 def write_markdown(result: dict) -> str:
     student = result["student"]
     stand_ins = [model["name"] for model in result["models"] if model["stand_in"]]
@@ -37,6 +53,9 @@ def write_markdown(result: dict) -> str:
         f"Student `{student['arch']}` (D = {student['width']}, nested dims {student['nested_dims']}) from {student['path']}, "
         f"distilled from {', '.join(student['teachers'])}; evaluated at dims {student['dims']}.",
     ]
+    if len(result.get("students", [])) > 1:
+        lines += ["", "Students side by side (each a curve in the plots; fidelity is measured for the first):", ""]
+        lines += [f"- **{s['label']}**: {s['path']}, `{s['arch']}` (D = {s['width']}); augmentations: {augment_text(s['augment'])}." for s in result["students"]]
     if stand_ins:
         lines += ["", f"{STAND_IN_MARK} random-weight stand-in, not a pathology model ({', '.join(stand_ins)}); a student distilled only from stand-ins is one too."]
     lines += ["", "## Datasets", ""]
@@ -77,6 +96,17 @@ def write_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def augment_text(settings: dict | None) -> str:
+    """The augmentations a student was trained with, from its recorded distill.augment."""
+    if not settings:
+        return "none"
+    on = [f"{kind} p={block['p']}" for kind, block in settings.items() if block.get("p", 0) > 0]
+    if settings.get("local_crops", {}).get("n", 0) > 0:
+        crops = settings["local_crops"]
+        on.append(f"{crops['n']} local crops of {crops['px']} px")
+    return ", ".join(on) or "none"
+
+
 def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}", *(f"| {' | '.join(row)} |" for row in rows)]
 
@@ -90,12 +120,12 @@ def classification_table(result: dict) -> tuple[list[str], list[list[str]]]:
     by_row: dict[tuple[str, str, int], dict[str, dict]] = {}
     for record in records:
         by_row.setdefault((record["model"], record["output"], record["dim"]), {})[record["dataset"]] = record
-    labels = _labels(result)
+    labels = Labels.of(result)
     rows = []
     for (model, output, dim), per_dataset in by_row.items():
         cells = [_probe_cell(per_dataset[d]["probes"][p]) if d in per_dataset else "" for d in datasets for p in probes]
         cells += [f"{per_dataset[d]['retrieval'][k]:.3f}" if d in per_dataset else "" for d in datasets for k in ks]
-        rows.append([_row_label(labels, model, output), str(dim), *cells])
+        rows.append([labels.row(model, output), str(dim), *cells])
     return columns, rows
 
 
@@ -106,9 +136,9 @@ def robustness_table(result: dict) -> tuple[list[str], list[list[str]]]:
     groups = list(records[0]["groups"])
     k = _top_metric(records[0]["groups"]["all"])
     columns = ["model", "dim", *(f"{g} {metric}" for g in groups for metric in ("cosine", k)), "score"]
-    labels = _labels(result)
+    labels = Labels.of(result)
     rows = [
-        [_row_label(labels, r["model"], r["output"]), str(r["dim"]),
+        [labels.row(r["model"], r["output"]), str(r["dim"]),
          *(f"{r['groups'][g][metric]:.3f}" for g in groups for metric in ("cosine", k)),
          "" if r["score"] is None else f"{r['score']:.3f}"]
         for r in records
@@ -137,7 +167,7 @@ def fidelity_table(fidelity: dict) -> tuple[list[str], list[list[str]]]:
 def write_plots(result: dict, directory: Path) -> list[Path]:
     """<dataset>.png (probes and retrieval), robustness.png and, when measured, fidelity.png."""
     directory.mkdir(parents=True, exist_ok=True)
-    labels = _labels(result)
+    labels = Labels.of(result)
     written = []
     for dataset in result["datasets"]:
         records = [r for r in result["classification"] if r["dataset"] == dataset["name"]]
@@ -194,26 +224,20 @@ def draw(panels: list[Panel], path: Path) -> Path:
     return path
 
 
-def _panel(title: str, ylabel: str, records: list[dict], labels: dict[str, str], value_of) -> Panel:
-    """The student's records as a curve over dims; every other model's record as a line."""
+def _panel(title: str, ylabel: str, records: list[dict], labels: Labels, value_of) -> Panel:
+    """Each student's records as a curve over dims; every other model's record as a line."""
     panel = Panel(title, ylabel)
-    student = sorted((r for r in records if r["model"] == STUDENT), key=lambda r: r["dim"])
-    if student:
-        values = [value_of(r) for r in student]
-        panel.curves[labels[STUDENT]] = ([r["dim"] for r in student], [v["mean"] for v in values], [v.get("std", 0.0) for v in values])
+    for name in labels.students:
+        student = sorted((r for r in records if r["model"] == name), key=lambda r: r["dim"])
+        if student:
+            values = [value_of(r) for r in student]
+            panel.curves[labels.names[name]] = ([r["dim"] for r in student], [v["mean"] for v in values], [v.get("std", 0.0) for v in values])
     for record in records:
-        if record["model"] != STUDENT:
-            panel.lines[_row_label(labels, record["model"], record["output"])] = value_of(record)["mean"]
+        if record["model"] not in labels.students:
+            panel.lines[labels.row(record["model"], record["output"])] = value_of(record)["mean"]
     return panel
 
 
-def _labels(result: dict) -> dict[str, str]:
-    return {model["name"]: model["name"] + (STAND_IN_MARK if model["stand_in"] else "") for model in result["models"]}
-
-
-def _row_label(labels: dict[str, str], model: str, output: str) -> str:
-    """The student is one model at many dims; another model is one row per output (recipe)."""
-    return labels[model] if model == STUDENT else f"{labels[model]} {output}"
 
 
 def _probe_cell(scores: dict) -> str:

@@ -52,7 +52,9 @@ def run_evaluate(config: Config) -> dict:
     # Every input is checked before the first model runs.
     datasets = [open_labelled(entry) for entry in settings.datasets or [demo_dataset(run_dir)]]
     student_dir = settings.student or run.student
-    student = StudentEmbedder(student_dir, settings.dims)
+    student_dirs = [student_dir, *settings.students]
+    students = [StudentEmbedder(path, settings.dims, label) for path, label in zip(student_dirs, student_labels(student_dirs))]
+    student = students[0]
     teachers = settings.teachers if settings.teachers is not None else config.features.teachers
     check_teacher_names(teachers)
     stored = [StoredFeatures(path) for path in settings.feature_stores]
@@ -61,11 +63,13 @@ def run_evaluate(config: Config) -> dict:
     else:
         pairs = proxy_pairs(datasets[0].images, settings.pair_tiles)
 
-    builders: list[Callable[[], Embedder]] = [lambda: student, *(partial(TeacherEmbedder, name, config.features.weights.get(name)) for name in teachers)]
+    builders: list[Callable[[], Embedder]] = [
+        *((lambda s=s: s) for s in students), *(partial(TeacherEmbedder, name, config.features.weights.get(name)) for name in teachers)
+    ]
     models, classification, robust = [], [], []
     for build in builders:
         model = build()
-        models.append(_describe(model, "student" if model is student else "teacher"))
+        models.append(_describe(model, "student" if isinstance(model, StudentEmbedder) else "teacher"))
         for dataset in datasets:
             embeddings = cached_embeddings(model, dataset.images, out_dir / "cache", settings.batch_size)
             classification += _classify(model.name, model.widths, dataset, embeddings, model.mpp, settings)
@@ -82,10 +86,8 @@ def run_evaluate(config: Config) -> dict:
         "schema": SCHEMA,
         "created": now(),
         "run": str(run_dir),
-        "student": {
-            "path": str(student_dir), "arch": student.record["arch"], "width": student.student.width,
-            "nested_dims": student.record["nested_dims"], "dims": student.widths["z"], "teachers": list(student.record["teachers"]),
-        },
+        "student": _describe_student(student, student_dir),
+        "students": [_describe_student(s, path) for s, path in zip(students, student_dirs)],
         "models": models,
         "datasets": [dataset.describe() for dataset in datasets],
         "classification": classification,
@@ -112,6 +114,27 @@ def print_summary(result: dict) -> None:
     out_dir = RunDir(Path(result["run"])).evaluate
     results.print(table(f"evaluate: {', '.join(d['name'] for d in result['datasets'])} (test split)", *classification_table(result)))
     results.print(f"robustness, fidelity and every table: {out_dir / 'evaluate.md'}; JSON: {out_dir / 'evaluate.json'}; plots: {out_dir / 'plots'}")
+
+
+def student_labels(directories: list[Path]) -> list[str]:
+    """A student alone is "student"; side by side each is labelled by its directory's name, or by its
+    run's name for a RUN/student directory. Two students of one label are refused."""
+    if len(directories) == 1:
+        return ["student"]
+    resolved = [Path(path).resolve() for path in directories]
+    labels = [path.parent.name if path.name == "student" else path.name for path in resolved]
+    repeated = {label: [str(p) for p, other in zip(directories, labels) if other == label] for label in labels if labels.count(label) > 1}
+    if repeated:
+        raise EvaluateError(f"evaluate.student / students: students are labelled by their directory (their run's for RUN/student), and these share one: {repeated}; give them distinct names")
+    return labels
+
+
+def _describe_student(student: StudentEmbedder, path: Path) -> dict:
+    return {
+        "label": student.name, "path": str(path), "arch": student.record["arch"], "width": student.student.width,
+        "nested_dims": student.record["nested_dims"], "dims": student.widths["z"], "teachers": list(student.record["teachers"]),
+        "augment": student.record.get("distill", {}).get("augment"),
+    }
 
 
 def _describe(model: Embedder | StoredFeatures, kind: str) -> dict:
