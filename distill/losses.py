@@ -32,32 +32,10 @@ def nested_distill_loss(
     alpha: float = 0.9,
     beta: float = 0.1,
 ) -> tuple[Tensor, Parts]:
-    """Total loss (the weighted mean of the parts' "loss") and, per (teacher, m), detached "cos" (mean cosine similarity), "smooth_l1" and
-    "loss" (unweighted by w_t, c_m) for logging; kept as tensors so logging does not sync every step.
-    Missing weights default to 1."""
-    teacher_weights = teacher_weights or {}
-    dim_weights = dim_weights or {}
-    if set(targets) != set(heads.teacher_widths):
-        raise ValueError(f"targets are for teachers {sorted(targets)}, heads for {sorted(heads.teacher_widths)}")
-    if not set(teacher_weights) <= set(targets) or not set(dim_weights) <= set(heads.nested_dims):
-        raise ValueError(
-            f"weights name teachers {sorted(teacher_weights)} and dims {sorted(dim_weights)}; "
-            f"this student has teachers {sorted(targets)} and nested dims {heads.nested_dims}"
-        )
-    total = z.new_zeros((), dtype=torch.float32)
-    weight_sum = 0.0
-    parts: Parts = {}
-    for (teacher, m), prediction in heads(z).items():
-        prediction, target = prediction.float(), targets[teacher].float()  # loss in fp32 under autocast too
-        cos = F.cosine_similarity(prediction, target, dim=-1).mean()
-        smooth_l1 = F.smooth_l1_loss(prediction, target)
-        loss = alpha * (1 - cos) + beta * smooth_l1
-        weight = teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0)
-        total, weight_sum = total + weight * loss, weight_sum + weight
-        parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
-    if weight_sum <= 0:
-        raise ValueError(f"the teacher weights {dict(teacher_weights)} and dim weights {dict(dim_weights)} leave nothing to train: give one a positive weight")
-    return total / weight_sum, parts
+    """Total loss (the weighted mean of the parts' "loss") and, per (teacher, m), detached "cos" (mean
+    cosine similarity), "smooth_l1" and "loss" (unweighted by w_t, c_m) for logging; kept as tensors so
+    logging does not sync every step. Missing weights default to 1."""
+    return _weighted_mean(heads(z), targets, heads, teacher_weights or {}, dim_weights or {}, alpha, beta)
 
 
 def spatial_distill_loss(
@@ -78,20 +56,35 @@ def spatial_distill_loss(
     with g [B, k*k, D] the student's grid cell tokens and Y_t [B, k*k, C] teacher t's standardized grid.
     `where` bool [B, k*k] restricts the mean to those cells (the masked cells of masked-token
     regression); every cell when None. Parts as nested_distill_loss's, per (teacher, m)."""
-    teacher_weights = teacher_weights or {}
-    dim_weights = dim_weights or {}
-    if set(grids) != set(heads.teacher_widths):
-        raise ValueError(f"grids are for teachers {sorted(grids)}, spatial heads for {sorted(heads.teacher_widths)}")
     chosen = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device) if where is None else where
-    total = cells.new_zeros((), dtype=torch.float32)
+    predictions = {key: prediction[chosen] for key, prediction in heads(cells).items()}  # [cells chosen, C]
+    return _weighted_mean(predictions, {t: grid[chosen] for t, grid in grids.items()}, heads, teacher_weights or {}, dim_weights or {}, alpha, beta)
+
+
+def _weighted_mean(
+    predictions: Mapping[tuple[str, int], Tensor], targets: Mapping[str, Tensor], heads: NestedHeads,
+    teacher_weights: Mapping[str, float], dim_weights: Mapping[int, float], alpha: float, beta: float,
+) -> tuple[Tensor, Parts]:
+    """sum_t,m w_t c_m l_tm / sum_t,m w_t c_m over predictions [n, C] of each (teacher, m) against the
+    teacher's targets [n, C], in fp32 under autocast too; each sample's C values are one smooth-L1 mean."""
+    if set(targets) != set(heads.teacher_widths):
+        raise ValueError(f"targets are for teachers {sorted(targets)}, heads for {sorted(heads.teacher_widths)}")
+    if not set(teacher_weights) <= set(targets) or not set(dim_weights) <= set(heads.nested_dims):
+        raise ValueError(
+            f"weights name teachers {sorted(teacher_weights)} and dims {sorted(dim_weights)}; "
+            f"this student has teachers {sorted(targets)} and nested dims {heads.nested_dims}"
+        )
+    total = next(iter(targets.values())).new_zeros((), dtype=torch.float32)
     weight_sum = 0.0
     parts: Parts = {}
-    for (teacher, m), prediction in heads(cells).items():
-        prediction, target = prediction.float()[chosen], grids[teacher].float()[chosen]  # [cells chosen, C]
+    for (teacher, m), prediction in predictions.items():
+        prediction, target = prediction.float(), targets[teacher].float()
         cos = F.cosine_similarity(prediction, target, dim=-1).mean()
-        smooth_l1 = F.smooth_l1_loss(prediction, target)  # every chosen cell has C values: the mean over cells of their means
+        smooth_l1 = F.smooth_l1_loss(prediction, target)
         loss = alpha * (1 - cos) + beta * smooth_l1
         weight = teacher_weights.get(teacher, 1.0) * dim_weights.get(m, 1.0)
         total, weight_sum = total + weight * loss, weight_sum + weight
         parts[teacher, m] = {"cos": cos.detach(), "smooth_l1": smooth_l1.detach(), "loss": loss.detach()}
-    return (total / weight_sum if weight_sum else total), parts
+    if weight_sum <= 0:
+        raise ValueError(f"the teacher weights {dict(teacher_weights)} and dim weights {dict(dim_weights)} leave nothing to train: give one a positive weight")
+    return total / weight_sum, parts
