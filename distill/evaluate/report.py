@@ -38,7 +38,7 @@ def write_markdown(result: dict) -> str:
         f"distilled from {', '.join(student['teachers'])}; evaluated at dims {student['dims']}.",
     ]
     if stand_ins:
-        lines += ["", f"{STAND_IN_MARK} random-weight stand-in, not a pathology model ({', '.join(stand_ins)}); a student distilled only from stand-ins is one too."]
+        lines += ["", f"{STAND_IN_MARK} stand-in (random or demo-fitted weights), not a pathology model ({', '.join(stand_ins)}); a student distilled only from stand-ins is one too."]
     lines += ["", "## Datasets", ""]
     for dataset in result["datasets"]:
         counts = ", ".join(f"{split} {sum(per_class.values())}" for split, per_class in dataset["counts"].items())
