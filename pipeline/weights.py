@@ -3,7 +3,7 @@
 A weight source is one of
 
 * ``random:SEED`` - timm's own init under a private RNG stream seeded with SEED: bitwise reproducible;
-* ``bundled:NAME`` - a demo stand-in's weights shipped in pipeline/stand_ins/NAME.safetensors with the script
+* ``bundled:NAME`` - a demo stand-in's weights shipped as NAME.safetensors in pipeline/stand_ins/ with the script
   that made them (no pathology model: random and bundled sources are the stand-ins, labelled as such);
 * ``hf-hub:ORG/NAME[/FILE][@REVISION]`` - a checkpoint (FILE, else the loader's usual names:
   ``model.safetensors``, else ``pytorch_model.bin`` for timm) from the Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
