@@ -179,7 +179,7 @@ def list_teachers(
         return
     results.print(table("teachers", ["name", "loader", "params", "widths", "published tile", "source", "defined in"], [
         [
-            e["name"] + (" (random stand-in)" if e["stand_in"] else ""), e["loader"], f"{e['params'] / 1e6:.1f}M",
+            e["name"] + (" (stand-in)" if e["stand_in"] else ""), e["loader"], f"{e['params'] / 1e6:.1f}M",
             ", ".join(f"{r} {w}" for r, w in e["widths"].items()), f"{e['field_px']} px at {e['mpp']} um/px", e["source"], e["defined_in"],
         ]
         for e in entries

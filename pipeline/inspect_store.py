@@ -14,6 +14,7 @@ from rich.markup import escape
 from zarr.codecs import BytesCodec
 
 from pipeline.console import progress_bar, results, table
+from pipeline.effective_rank import SHARE, effective_rank
 from pipeline.stores import FLAG_PADDED, FLAG_READ_FAILED, GRID, FeatureStoreAttrs, RunDir, Store, StoreError, open_store, open_tile_store
 from pipeline.tile_codec import JpegTileCodec
 
@@ -122,9 +123,10 @@ def tile_store_link(path: Path, attrs: FeatureStoreAttrs) -> dict:
 
 
 def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows: int = 4096) -> dict:
-    """Mean L2 norm and per-dimension spread of the embeddings (a grid's: of its cells), over evenly spaced
-    whole chunks of about ``sample_rows`` rows (a grid's: rows / k^2, the same count of vectors); or,
-    when a sampled chunk fails its checksum, why they are unreadable (the rest is still described)."""
+    """Mean L2 norm, per-dimension spread and effective rank (pipeline/effective_rank.py) of the embeddings,
+    rows x views flattened (a grid's: its cells), over evenly spaced whole chunks of about ``sample_rows``
+    rows (a grid's: rows / k^2, the same count of vectors); or, when a sampled chunk fails its checksum,
+    why they are unreadable (the rest is still described)."""
     step = array.chunks[0]
     starts = range(0, array.shape[0], step)
     rows = max(1, sample_rows // math.prod(array.shape[2:-1]))
@@ -139,6 +141,8 @@ def feature_statistics(array: zarr.Array, path: Path, verify: bool, sample_rows:
         "rows_sampled": int(len(sample) // max(1, math.prod(array.shape[1:-1]))),
         "mean_norm": round(float(np.linalg.norm(finite, axis=1).mean()), 4) if len(finite) else None,
         "mean_dim_std": round(float(finite.std(axis=0).mean()), 4) if len(finite) else None,
+        "effective_rank": effective_rank(finite) if len(finite) else None,
+        "embeddings_sampled": len(finite),
     }
 
 
@@ -199,7 +203,7 @@ def print_description(description: dict) -> None:
     if "teacher" in description:
         # A registry teacher's record has every field; a student's (embed) or a test's has fewer.
         teacher = {key: "-" for key in ("arch", "source", "weights_sha256", "input_px", "resize", "mean", "std", "precision", "target_mpp")} | description["teacher"]
-        stand_in = " [yellow](random stand-in)[/yellow]" if teacher.get("stand_in") else ""
+        stand_in = " [yellow](stand-in, not a pathology model)[/yellow]" if teacher.get("stand_in") else ""
         out.print(f"teacher: {teacher['name']}{stand_in}  {teacher['arch']}  source {teacher['source']}  weights sha256 {teacher['weights_sha256'][:16]}")
         out.print(f"  input {teacher['input_px']} px ({teacher['resize']}), mean {teacher['mean']}, std {teacher['std']}, precision {teacher['precision']}, target mpp {teacher['target_mpp']}")
         if "input" in teacher:  # how the features stage cut its input (pipeline/teacher_input.py)
@@ -213,9 +217,10 @@ def print_description(description: dict) -> None:
             grid = description["grid"]
             widths[GRID] = f"{grid['k']}x{grid['k']} cells x {grid['width']}"
             out.print(describe_grid_cost(grid))
-        out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", "rows sampled"], [
+        out.print(table("recipes", ["recipe", "width", "mean norm", "mean per-dim std", f"rank at {SHARE:.0%} variance", "rows sampled"], [
             [name, str(widths[name]), *(
-                ["[red]unreadable[/red]", "-", "-"] if "unreadable" in stats else [str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["rows_sampled"])]
+                ["[red]unreadable[/red]", "-", "-", "-"] if "unreadable" in stats else
+                [str(stats["mean_norm"]), str(stats["mean_dim_std"]), str(stats["effective_rank"]), f"{stats['rows_sampled']} ({stats['embeddings_sampled']} embeddings: rows x views)"]
             )]
             for name, stats in description["statistics"].items()
         ]))

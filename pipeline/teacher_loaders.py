@@ -1,4 +1,5 @@
-"""The model libraries a teacher can come from: timm, Hugging Face ``transformers``, open_clip image towers.
+"""The model libraries a teacher can come from: timm, Hugging Face ``transformers``, open_clip image towers,
+and the project's own texture stand-ins.
 
 A loader turns a spec's ``arch`` and ``kwargs`` into a module with random init, loads a checkpoint's
 tensors into it strictly (every key as stored; transformers through its own mapping of the hub's key
@@ -19,6 +20,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from pipeline.texture_bank import MODELS as TEXTURE_MODELS
 from pipeline.weights import WeightsError, load_strict
 
 
@@ -139,7 +141,25 @@ class OpenClipLoader(Loader):
         return Shape(None, 0, False, module.output_dim)
 
 
-LOADERS = {"timm": TimmLoader(), "transformers": TransformersLoader(), "open_clip": OpenClipLoader()}
+class TextureLoader(Loader):
+    """The project's own texture stand-ins (pipeline/texture_bank.py): ``arch`` names one, ``kwargs`` its sizes.
+    Its tokens are cells of a square grid with no prefix tokens; it has no pooled output of its own."""
+
+    hub_files = ("model.safetensors",)
+
+    def create(self, arch: str, kwargs: dict) -> nn.Module:
+        if arch not in TEXTURE_MODELS:
+            raise ValueError(f"unknown texture stand-in {arch!r}: choose one of {list(TEXTURE_MODELS)}")
+        return TEXTURE_MODELS[arch](**kwargs)
+
+    def forward(self, module: nn.Module, pixels: Tensor) -> Outputs:
+        return Outputs(module(pixels), 0, None)
+
+    def shape(self, module: nn.Module) -> Shape:
+        return Shape(module.num_features, 0, False, None)
+
+
+LOADERS = {"timm": TimmLoader(), "transformers": TransformersLoader(), "open_clip": OpenClipLoader(), "texture": TextureLoader()}
 
 
 def _layer(name: str) -> type[nn.Module]:

@@ -9,13 +9,13 @@ model (TRIDENT, eva), model card first; each entry's ``notes`` cites its sources
 and what we follow. Users add their own specs in YAML (pipeline/teacher_specs.py), validated the same way.
 
 Weights come from ``source`` (or the builder's ``weights`` override): ``hf-hub:ORG/NAME``, a local file, or
-``random:SEED`` for a stand-in, always labelled (see pipeline/weights.py). Whatever the source, the weights are
+``random:SEED`` or ``bundled:NAME`` (shipped with the project) for a stand-in, always labelled (see pipeline/weights.py). Whatever the source, the weights are
 loaded into the spec's own architecture with every key as stored: a hub repo's config.json is not consulted,
 and no conversion may silently change the published model.
 
 Pooling rules over a forward pass (pipeline/teacher_loaders.py; prefix tokens = CLS + registers):
 ``cls`` the CLS token; ``mean`` the mean of the patch tokens after all prefix tokens (for a CNN, the mean
-over H and W); ``cls_mean`` the two concatenated; ``pooled`` the library's own pooled embedding (timm's
+over H and W; for a texture stand-in, over its grid cells); ``cls_mean`` the two concatenated; ``pooled`` the library's own pooled embedding (timm's
 pre-logits, transformers' ``pooler_output``, an open_clip image tower's output).
 """
 
@@ -38,7 +38,7 @@ from pipeline.precision import DTYPES as PRECISIONS
 from pipeline.precision import autocast
 from pipeline.stores import GRID
 from pipeline.teacher_loaders import LOADERS, Outputs
-from pipeline.weights import RandomInit, WeightsError, build_strict, parse_source
+from pipeline.weights import STAND_IN_SOURCES, WeightsError, build_strict, parse_source
 
 POOLS = {
     "cls": lambda out: out.tokens[:, 0],
@@ -107,7 +107,7 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         try:
-            is_random = isinstance(parse_source(self.source), RandomInit)
+            is_stand_in_source = isinstance(parse_source(self.source), STAND_IN_SOURCES)
         except WeightsError as err:
             raise ValueError(f"teacher spec {self.name!r}: {err}") from err
         checks = {
@@ -126,7 +126,7 @@ class TeacherSpec:
             f"target_mpp {self.target_mpp} must be positive": self.target_mpp > 0,
             f"precision {self.precision!r} must be one of {list(PRECISIONS)}": self.precision in PRECISIONS,
             # Stand-ins are labelled everywhere, so the label is tied to the weight source.
-            f"stand_in={self.stand_in} must be True exactly for random: sources": self.stand_in == is_random,
+            f"stand_in={self.stand_in} must be True exactly for random: and bundled: sources": self.stand_in == is_stand_in_source,
             f"cites {list(self.cites)} must be https:// URLs": all(url.startswith("https://") for url in self.cites),
         }
         problems = [message for message, ok in checks.items() if not ok]
@@ -459,6 +459,25 @@ TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in (
         stand_in=True,
         notes="Stand-in with seeded random weights, not a pathology model: demos and tests only. A CNN family "
               "(global average pool) whose transform upscales its 224 px field to 256 and crops the central 224.",
+    ),
+    TeacherSpec(
+        name="demo-texture",
+        source="bundled:demo-texture",
+        loader="texture",
+        arch="texture_scattering",
+        kwargs={"width": 384},
+        resize="resize",
+        interpolation="bilinear",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        recipes={"mean": "mean"},
+        widths={"mean": 384},
+        precision="fp32",
+        stand_in=True,
+        notes="Stand-in, not a pathology model: demos and tests only. A fixed scattering-like filter bank on H&E "
+              "stain densities (pipeline/texture_bank.py) whose 14 x 14 cells are its tokens, and a linear "
+              "projection fitted once on the demo tiles (pipeline/demo/texture_teacher.py), so its features are "
+              "texture statistics of high effective rank, unlike the random stand-ins'. Takes RGB in [0, 1].",
     ),
 )}
 

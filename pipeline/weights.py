@@ -3,6 +3,8 @@
 A weight source is one of
 
 * ``random:SEED`` - timm's own init under a private RNG stream seeded with SEED: bitwise reproducible;
+* ``bundled:NAME`` - a demo stand-in's weights shipped as NAME.safetensors in pipeline/stand_ins/ with the script
+  that made them (no pathology model: random and bundled sources are the stand-ins, labelled as such);
 * ``hf-hub:ORG/NAME[/FILE][@REVISION]`` - a checkpoint (FILE, else the loader's usual names:
   ``model.safetensors``, else ``pytorch_model.bin`` for timm) from the Hugging Face cache; works offline once cached (``HF_HUB_OFFLINE=1``), otherwise the error names the repo
   and how to pre-download it;
@@ -40,7 +42,8 @@ from pipeline.files import sha256_file
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
-SOURCE_FORMS = f"random:SEED, hf-hub:ORG/NAME[/FILE][@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
+SOURCE_FORMS = f"random:SEED, bundled:NAME, hf-hub:ORG/NAME[/FILE][@REVISION] or a {' / '.join(LOCAL_WEIGHT_SUFFIXES)} file"
+STAND_IN_WEIGHTS = Path(__file__).resolve().parent / "stand_ins"
 
 Module = TypeVar("Module", bound=nn.Module)
 
@@ -63,6 +66,24 @@ class RandomInit:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return create()
+
+
+@dataclass(frozen=True)
+class BundledStandIn:
+    """A demo stand-in's weights shipped with the project (pipeline/stand_ins/), never a published model."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"bundled:{self.name}"
+
+    def file(self, names: tuple[str, ...] = HUB_WEIGHT_FILES) -> Path:
+        """The shipped file; ``names`` (a hub repo's file names) do not apply."""
+        path = STAND_IN_WEIGHTS / f"{self.name}.safetensors"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in STAND_IN_WEIGHTS.glob("*.safetensors"))
+            raise WeightsError(f"weight source {self}: no {path}; the project ships {shipped} (python -m pipeline.demo.texture_teacher remakes demo-texture)")
+        return path
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,8 @@ class LocalFile:
         return self.path
 
 
-WeightSource = RandomInit | HubCheckpoint | LocalFile
+WeightSource = RandomInit | BundledStandIn | HubCheckpoint | LocalFile
+STAND_IN_SOURCES = (RandomInit, BundledStandIn)  # weights that are no pathology model: a spec with one is a stand-in
 
 
 def parse_source(text: str) -> WeightSource:
@@ -132,6 +154,11 @@ def parse_source(text: str) -> WeightSource:
         if not re.fullmatch(r"[0-9]+", seed):
             raise WeightsError(f"weight source {text!r}: the seed must be a non-negative integer, as in random:0")
         return RandomInit(int(seed))
+    if text.startswith("bundled:"):
+        name = text.removeprefix("bundled:")
+        if not re.fullmatch(r"[\w-]+", name):
+            raise WeightsError(f"weight source {text!r} must read bundled:NAME, NAME a file stem in {STAND_IN_WEIGHTS}")
+        return BundledStandIn(name)
     if text.startswith("hf-hub:"):
         path, at, revision = text.removeprefix("hf-hub:").partition("@")
         org, _, rest = path.partition("/")
@@ -162,7 +189,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def state_dict_for(source: HubCheckpoint | LocalFile) -> dict[str, Tensor]:
+def state_dict_for(source: BundledStandIn | HubCheckpoint | LocalFile) -> dict[str, Tensor]:
     """The checkpoint's tensors as stored, for a caller that loads them its own way (the student, through timm)."""
     return read_state_dict(source.file())
 

@@ -169,7 +169,7 @@ def test_an_unknown_key_is_refused_naming_key_teacher_and_file(tmp_path):
 
 @pytest.mark.parametrize("change, problem", [
     ({"widths": {"cls": 192}}, r"widths \['cls'\] must name exactly the recipes \['cls', 'mean'\]"),
-    ({"loader": "keras"}, r"loader 'keras' must be one of \['timm', 'transformers', 'open_clip'\]"),
+    ({"loader": "keras"}, r"loader 'keras' must be one of \['timm', 'transformers', 'open_clip', 'texture'\]"),
     ({"recipes": {"cls": "max", "mean": "mean"}}, r"recipe rules \['max', 'mean'\] must be among"),
     ({"mean": [0.5, 0.5]}, r"mean\.2: Field required"),
     ({"source": "hf_hub:org/x"}, r"weight source 'hf_hub:org/x' is none of"),

@@ -68,7 +68,7 @@ def test_each_kind_of_source_parses_and_prints_back(text, parsed):
     ("hf-hub:UNI", "must read hf-hub:ORG/NAME"),
     ("hf-hub:org/name@", "must read hf-hub:ORG/NAME"),
     ("hf-hub:org/name/config.json", "must read hf-hub:ORG/NAME, with /FILE"),
-    ("hf_hub:org/name", "is none of random:SEED, hf-hub:ORG/NAME"),
+    ("hf_hub:org/name", "is none of random:SEED, bundled:NAME, hf-hub:ORG/NAME"),
     ("weights.txt", r"is none of .*\.safetensors / \.bin / \.pth / \.pt file"),
 ])
 def test_malformed_sources_are_refused_before_anything_is_read(text, problem):

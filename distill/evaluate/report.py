@@ -57,7 +57,7 @@ def write_markdown(result: dict) -> str:
         lines += ["", "Students side by side (each a curve in the plots; fidelity is measured for the first):", ""]
         lines += [f"- **{s['label']}**: {s['path']}, `{s['arch']}` (D = {s['width']}); augmentations: {augment_text(s['augment'])}." for s in result["students"]]
     if stand_ins:
-        lines += ["", f"{STAND_IN_MARK} random-weight stand-in, not a pathology model ({', '.join(stand_ins)}); a student distilled only from stand-ins is one too."]
+        lines += ["", f"{STAND_IN_MARK} stand-in (random or demo-fitted weights), not a pathology model ({', '.join(stand_ins)}); a student distilled only from stand-ins is one too."]
     lines += ["", "## Datasets", ""]
     for dataset in result["datasets"]:
         counts = ", ".join(f"{split} {sum(per_class.values())}" for split, per_class in dataset["counts"].items())
