@@ -33,7 +33,8 @@ def main() -> None:
     rows = tiling.measure(tiled_slides, tiled_slides if args.quick else list(slides.values()), work, args.quick)
     tiled_run = Config(
         run=work / f"tiles-{tiled_slides[0].stem}-2", slides=[tiled_slides[0]], ray=RayConfig(num_cpus=2),
-        features=FeaturesConfig(actors=1), distill=load_config().distill.model_copy(update={"val_slides": 0}),  # one slide: no held-out one
+        # one slide: no held-out one; the summary path only (its feature stores hold no grid), as the loader figures measure it
+        features=FeaturesConfig(actors=1), distill=load_config().distill.model_copy(update={"val_slides": 0, "spatial_weight": 0.0, "mask_ratio": 0.0}),
     )
     run_tiles(tiled_run)  # the tile store the later figures read
     bare = features.bare_rates(tiled_run)
