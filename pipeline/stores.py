@@ -458,15 +458,11 @@ class UnitReader:
         """Store.reading for this array: for reads made by other means (Dask)."""
         return self.store.reading(self.name, start, end, self.stage)
 
-    def read(self, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, end), checked; decoded into `out` (of end - start rows) when given, so a reader
-        that reuses its buffers allocates nothing per read."""
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Rows [start, end), checked."""
         self._require_units(set(range(start // self.unit_rows, (end - 1) // self.unit_rows + 1)))
         with self.reading(start, end):
-            if out is None:
-                return self.array[start:end]
-            self.array.get_basic_selection(slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
-            return out
+            return self.array[start:end]
 
     def read_into(self, start: int, end: int, out: np.ndarray) -> Coroutine[Any, Any, None]:
         """Rows [start, end), checked now, decoded into `out` by the coroutine returned, for zarr's event loop:
