@@ -78,7 +78,13 @@ def _start_local_ray(num_cpus: int | None) -> None:
     cluster node (``ENABLE_RAY_CLUSTER``, the switch macOS and Windows have off). That switch is off
     while the node starts; the node's address is then kept, and every process it starts is given it.
     tests/test_ray_runtime.py lists the listening sockets of a local session.
+
+    Ray's own default for a new local cluster, token authentication (a token in ~/.ray/auth_token,
+    made if missing), is kept; its warning that the default is on is not printed on every command.
     """
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
     cluster_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
         ray.init(
@@ -87,3 +93,4 @@ def _start_local_ray(num_cpus: int | None) -> None:
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_node
+        auth_log.setLevel(auth_level)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 
 import psutil
 import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
 
 from pipeline.config import RayConfig
 from pipeline.ray_runtime import on_actors, ray_session
@@ -24,16 +26,34 @@ def listening_addresses() -> dict[str, set[str]]:
     return found
 
 
+class RecordedWarnings(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 is the loopback too
 
 
-def test_a_local_session_listens_on_the_loopback_only():
+def test_a_local_session_listens_on_the_loopback_only_and_keeps_token_auth_without_a_warning():
     assert not ray.is_initialized()
-    with ray_session(RayConfig(num_cpus=1)):
-        ray.get(ray.remote(lambda: None).remote())  # a worker process with its own gRPC server
-        addresses = listening_addresses()
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    warnings = RecordedWarnings(level=logging.WARNING)
+    auth_log.addHandler(warnings)
+    try:
+        with ray_session(RayConfig(num_cpus=1)):
+            ray.get(ray.remote(lambda: None).remote())  # a worker process with its own gRPC server
+            addresses = listening_addresses()
+            mode = get_authentication_mode()
+    finally:
+        auth_log.removeHandler(warnings)
+    assert mode == AuthenticationMode.TOKEN  # Ray's default for a new local cluster, kept
+    assert warnings.messages == []  # ... without its warning on every command
     assert {"gcs_server", "raylet"} <= {name for name, listening in addresses.items() if listening}, addresses
     exposed = {name: sorted(a for a in listening if not is_loopback(a)) for name, listening in addresses.items()}
     assert not any(exposed.values()), f"listening beyond the loopback: {exposed}"

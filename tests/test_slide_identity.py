@@ -160,6 +160,7 @@ def test_a_manifest_mpp_that_is_not_a_positive_number_is_refused_in_one_line(tmp
         assert result.returncode == 2 and "Traceback" not in result.stderr
         [line] = [line for line in result.stderr.splitlines() if line.strip()]
         assert line.startswith("error: slide manifest") and "line 3" in line
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_dicom_folder_is_one_slide_and_its_files_are_its_identity(tmp_path, he_pixels):

@@ -38,7 +38,7 @@ from pipeline.stores import (
 )
 from pipeline.tiles.slide_identity import DigestCache, SlideIdentity
 from pipeline.tiles.slide_tiles import SlidePlan, duplicate_plan
-from pipeline.tiles.slides import SlideSource, discover_slides
+from pipeline.tiles.slides import SlideList, SlideSource, discover_slides
 from pipeline.tiles.workers import tile_workers
 
 
@@ -89,8 +89,9 @@ class TileSummary:
 def run_tiles(config: Config, overwrite: bool = False) -> TileSummary:
     started = time.perf_counter()
     run = RunDir.of(config)
+    listed = list_slides(config)  # a bad manifest or an empty list is refused before any Ray starts
     with exclusive(run.lock("tiles")), ray_session(config.ray), tile_workers() as workers:
-        summary = write_tiles(config, plan_tiles(config, workers), overwrite, workers)
+        summary = write_tiles(config, plan_tiles(config, workers, listed), overwrite, workers)
     summary.seconds = time.perf_counter() - started
     append_stage_record(run.root, summary.as_record())
     return summary
@@ -106,15 +107,21 @@ class TilePlan:
     hashed_bytes: int
 
 
-def plan_tiles(config: Config, workers: list | None = None) -> TilePlan:
+def list_slides(config: Config) -> SlideList:
+    """The config's slide files, folders and manifests expanded; an empty list is an error."""
+    listed = discover_slides(config.slides)
+    if not listed.sources:
+        raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
+    return listed
+
+
+def plan_tiles(config: Config, workers: list | None = None, listed: SlideList | None = None) -> TilePlan:
     """Phase 1 (needs a Ray session): every slide identified and planned, and its rows in the store.
     ``workers`` from ``tile_workers``; without them, workers are started for this phase alone."""
     if workers is None:
         with tile_workers() as started:
-            return plan_tiles(config, started)
-    listed = discover_slides(config.slides)
-    if not listed.sources:
-        raise ConfigError("no slides given: list slide files, folders or manifests under 'slides' or on the command line")
+            return plan_tiles(config, started, listed)
+    listed = listed or list_slides(config)
     run = RunDir.of(config)
     identities = _identify_all(listed.sources, DigestCache(run.slide_hashes), workers)
     plans = _plan_all(listed.sources, identities, config, run.qc, workers)
