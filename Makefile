@@ -36,7 +36,7 @@ evaluate: $(VENV)/.installed
 # Two workers, one test file each (--dist loadfile keeps a module's local Ray or Slurm cluster in one
 # worker): much of the suite waits on Ray start-up and subprocesses, so two fill two cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(VENV)/.installed $(DEMO)
 	$(PY) -m bench

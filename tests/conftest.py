@@ -13,6 +13,19 @@ from pipeline.demo.slides import CMU_SVS, fetch_source, write_pyramid_tiff
 
 CACHE = Path(__file__).resolve().parent.parent / "data" / "test-cache"
 
+# The files that take longest (pytest --durations, 2 workers: 2-5 min each), run first. `make test` gives each
+# xdist worker whole files in collection order (--dist loadfile --no-loadscope-reorder), so the two workers
+# finish together on short files instead of one waiting while the other runs a long one alone.
+LONGEST_FIRST = (
+    "test_bench.py", "test_feature_stage.py", "test_multinode.py", "test_slurm.py", "test_store_integrity.py",
+    "test_distill_train.py", "test_tile_stage.py", "test_cli_errors.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def real_svs() -> Path:
