@@ -121,7 +121,7 @@ def plan_tiles(config: Config, workers: list | None = None, listed: SlideList | 
     if workers is None:
         with tile_workers() as started:
             return plan_tiles(config, started, listed)
-    listed = listed or list_slides(config)
+    listed = listed if listed is not None else list_slides(config)
     run = RunDir.of(config)
     identities = _identify_all(listed.sources, DigestCache(run.slide_hashes), workers)
     plans = _plan_all(listed.sources, identities, config, run.qc, workers)
