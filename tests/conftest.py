@@ -53,7 +53,8 @@ def slide_factory(tmp_path_factory, he_pixels):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A real local Ray with two CPUs, shared by a test module."""
-    ray.init(num_cpus=2, include_dashboard=False)
+    """A real local Ray with two CPUs, shared by a test module. ``address="local"``: always a Ray of its own,
+    never the multi-node cluster another xdist worker may be running (a plain ray.init() would join it)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

@@ -110,7 +110,7 @@ def offline_hub(tmp_path_factory):
         use_offline_cache(patch, cache)
         patch.setenv("HF_HUB_CACHE", str(cache))  # read at import by the Ray workers
         patch.setenv("HF_HUB_OFFLINE", "1")
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         try:
             yield folders
         finally:
