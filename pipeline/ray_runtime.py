@@ -14,6 +14,7 @@ from ray._private import ray_constants
 from pipeline.config import RayConfig
 
 LOOPBACK = "127.0.0.1"
+RAY_AUTH_LOG = "ray._private.authentication.authentication_token_setup"  # where Ray warns about its token-auth default
 
 
 def completed(pending: dict) -> Iterator[tuple[Any, Any]]:
@@ -82,7 +83,7 @@ def _start_local_ray(num_cpus: int | None) -> None:
     Ray's own default for a new local cluster, token authentication (a token in ~/.ray/auth_token,
     made if missing), is kept; its warning that the default is on is not printed on every command.
     """
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_log = logging.getLogger(RAY_AUTH_LOG)
     auth_level = auth_log.level
     auth_log.setLevel(logging.ERROR)
     cluster_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False

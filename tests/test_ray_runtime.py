@@ -11,7 +11,7 @@ import ray
 from ray._raylet import AuthenticationMode, get_authentication_mode
 
 from pipeline.config import RayConfig
-from pipeline.ray_runtime import on_actors, ray_session
+from pipeline.ray_runtime import RAY_AUTH_LOG, on_actors, ray_session
 
 
 def listening_addresses() -> dict[str, set[str]]:
@@ -42,7 +42,7 @@ def is_loopback(address: str) -> bool:
 
 def test_a_local_session_listens_on_the_loopback_only_and_keeps_token_auth_without_a_warning():
     assert not ray.is_initialized()
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_log = logging.getLogger(RAY_AUTH_LOG)
     warnings = RecordedWarnings(level=logging.WARNING)
     auth_log.addHandler(warnings)
     try:
